@@ -1,0 +1,648 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+	"github.com/lestrrat-go/jwx/v2/jws"
+)
+
+// Why a reason: each one is a metrics label and a log field, so the set is
+// closed and small.
+type rejectReason int
+
+const (
+	reasonMissing rejectReason = iota
+	reasonMalformed
+	reasonUnknownKey
+	reasonBadSignature
+	reasonExpired
+	reasonClaims
+	numReasons
+)
+
+var reasonNames = [numReasons]string{"missing", "malformed", "unknown_key", "bad_signature", "expired", "claims"}
+
+func (r rejectReason) String() string { return reasonNames[r] }
+
+// authError is a refused credential. detail is safe to show the caller: it
+// never contains the token or key material.
+type authError struct {
+	reason rejectReason
+	detail string
+}
+
+func (e *authError) Error() string { return e.reason.String() + ": " + e.detail }
+
+func reject(reason rejectReason, detail string) *authError {
+	return &authError{reason: reason, detail: detail}
+}
+
+// errNoKeys means verification cannot even start: the service answers 503,
+// not 401, because the caller's token may well be fine.
+var errNoKeys = errors.New("no verification keys loaded yet")
+
+const maxAuthHeader = 8 << 10
+
+// authConfig is the part of the configuration the verifier needs.
+type authConfig struct {
+	jwksURL   string
+	jwksFile  string
+	issuer    string
+	audience  string
+	userClaim string
+	leeway    time.Duration
+
+	// refreshEvery is the background refresh cadence; minRefreshGap limits the
+	// refreshes that unknown kids may force (random kids must not turn this
+	// service into a load generator against the identity provider).
+	refreshEvery  time.Duration
+	minRefreshGap time.Duration
+}
+
+// Verifier checks bearer tokens against a JWK Set it keeps fresh in the
+// background. The set is swapped atomically, so verification never waits on a
+// fetch except when a token names a kid the service has not seen.
+type Verifier struct {
+	cfg    authConfig
+	logger *slog.Logger
+	load   func(ctx context.Context) ([]byte, error)
+	now    func() time.Time
+
+	keys atomic.Pointer[keyring]
+
+	refreshMu   sync.Mutex
+	lastRefresh time.Time
+	lastRaw     []byte
+
+	stopBackground context.CancelFunc
+	done           chan struct{}
+
+	rejections    [numReasons]atomic.Int64
+	refreshOK     atomic.Int64
+	refreshFailed atomic.Int64
+}
+
+// NewVerifier starts the background key refresh; Close stops it.
+func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
+	if cfg.refreshEvery <= 0 {
+		cfg.refreshEvery = 60 * time.Second
+	}
+	if cfg.minRefreshGap <= 0 {
+		cfg.minRefreshGap = 5 * time.Second
+	}
+	if cfg.userClaim == "" {
+		cfg.userClaim = "sub"
+	}
+	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{})}
+	if cfg.jwksFile != "" {
+		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
+	} else {
+		client := &http.Client{Timeout: 5 * time.Second}
+		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	v.stopBackground = cancel
+	go v.refreshLoop(ctx)
+	return v
+}
+
+// Close stops the background refresh and waits for it to finish.
+func (v *Verifier) Close() {
+	v.stopBackground()
+	<-v.done
+}
+
+// Ready reports whether a key set has been loaded.
+func (v *Verifier) Ready() bool { return v.keys.Load() != nil }
+
+// KeyCount is the number of usable verification keys.
+func (v *Verifier) KeyCount() int {
+	if kr := v.keys.Load(); kr != nil {
+		return len(kr.byKid)
+	}
+	return 0
+}
+
+// refreshLoop polls fast until the first set arrives (readiness waits on it),
+// then settles to refreshEvery. A failed refresh keeps the last good keys: an
+// identity-provider outage must not log every cardholder out.
+func (v *Verifier) refreshLoop(ctx context.Context) {
+	defer close(v.done)
+	retry := 250 * time.Millisecond
+	for {
+		v.refresh(ctx)
+		wait := v.cfg.refreshEvery
+		if !v.Ready() {
+			wait = retry
+			retry = min(retry*2, 5*time.Second)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// refresh loads the set once and installs it if it parses.
+func (v *Verifier) refresh(ctx context.Context) {
+	v.refreshMu.Lock()
+	defer v.refreshMu.Unlock()
+	v.refreshLocked(ctx)
+}
+
+// refreshForUnknownKid forces a refresh unless one happened within
+// minRefreshGap. Callers are serialised on refreshMu, so a flood of lookups
+// that queued behind a running refresh finds it fresh and shares its result.
+func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
+	v.refreshMu.Lock()
+	defer v.refreshMu.Unlock()
+	if v.now().Sub(v.lastRefresh) >= v.cfg.minRefreshGap {
+		v.refreshLocked(ctx)
+	}
+}
+
+func (v *Verifier) refreshLocked(ctx context.Context) {
+	v.lastRefresh = v.now()
+	raw, err := v.load(ctx)
+	if err == nil && v.Ready() && bytes.Equal(raw, v.lastRaw) {
+		v.refreshOK.Add(1)
+		return
+	}
+	var kr *keyring
+	if err == nil {
+		kr, err = parseKeyring(raw)
+	}
+	if err != nil {
+		v.refreshFailed.Add(1)
+		if ctx.Err() == nil {
+			v.logger.Warn("jwks refresh failed; keeping the last good keys",
+				"error", err.Error(), "keys", v.KeyCount())
+		}
+		return
+	}
+	v.refreshOK.Add(1)
+	v.lastRaw = raw
+	v.keys.Store(kr)
+	v.logger.Info("jwks loaded", "keys", len(kr.byKid), "skipped", kr.skipped)
+}
+
+const maxJWKSBytes = 1 << 20
+
+func fetchJWKS(ctx context.Context, client *http.Client, url string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("fetch jwks: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch jwks: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fetch jwks: status %d", resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("fetch jwks: %w", err)
+	}
+	if len(body) > maxJWKSBytes {
+		return nil, errors.New("fetch jwks: body over 1 MiB")
+	}
+	return body, nil
+}
+
+func readLimited(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read jwks file: %w", err)
+	}
+	defer f.Close()
+	body, err := io.ReadAll(io.LimitReader(f, maxJWKSBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read jwks file: %w", err)
+	}
+	if len(body) > maxJWKSBytes {
+		return nil, errors.New("read jwks file: over 1 MiB")
+	}
+	return body, nil
+}
+
+// verifyKey is a public key with the algorithms it may verify. Raw crypto
+// keys are extracted once per refresh, not once per request.
+type verifyKey struct {
+	raw  any
+	algs []jwa.SignatureAlgorithm
+}
+
+type keyring struct {
+	byKid   map[string]verifyKey
+	skipped int
+}
+
+// parseKeyring turns a JWK Set into the keys this service will use. A key
+// without kid, meant for encryption, symmetric, or of an unsupported type
+// or size is skipped, never an error: one odd key must not hide the rest.
+func parseKeyring(raw []byte) (*keyring, error) {
+	set, err := jwk.Parse(raw)
+	if err != nil {
+		return nil, fmt.Errorf("parse jwks: %w", err)
+	}
+	kr := &keyring{byKid: make(map[string]verifyKey, set.Len())}
+	for i := 0; i < set.Len(); i++ {
+		k, _ := set.Key(i)
+		vk, ok := usableKey(k)
+		if _, dup := kr.byKid[k.KeyID()]; !ok || dup {
+			kr.skipped++
+			continue
+		}
+		kr.byKid[k.KeyID()] = vk
+	}
+	if len(kr.byKid) == 0 {
+		return nil, fmt.Errorf("parse jwks: no usable signing keys among %d", set.Len())
+	}
+	return kr, nil
+}
+
+var rsaAlgs = []jwa.SignatureAlgorithm{jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512}
+
+func usableKey(k jwk.Key) (verifyKey, bool) {
+	if k.KeyID() == "" {
+		return verifyKey{}, false
+	}
+	if use := k.KeyUsage(); use != "" && use != string(jwk.ForSignature) {
+		return verifyKey{}, false
+	}
+	pub, err := jwk.PublicRawKeyOf(k)
+	if err != nil {
+		return verifyKey{}, false
+	}
+	// The algorithms each key type can verify; a key's own "alg" narrows
+	// this to one, and a key without "alg" gets the ones its type implies.
+	// Nothing here can ever yield HS* or none.
+	var algs []jwa.SignatureAlgorithm
+	switch pk := pub.(type) {
+	case *rsa.PublicKey:
+		if pk.N.BitLen() < 2048 {
+			return verifyKey{}, false
+		}
+		algs = rsaAlgs
+	case *ecdsa.PublicKey:
+		switch pk.Curve {
+		case elliptic.P256():
+			algs = []jwa.SignatureAlgorithm{jwa.ES256}
+		case elliptic.P384():
+			algs = []jwa.SignatureAlgorithm{jwa.ES384}
+		case elliptic.P521():
+			algs = []jwa.SignatureAlgorithm{jwa.ES512}
+		}
+	case ed25519.PublicKey:
+		algs = []jwa.SignatureAlgorithm{jwa.EdDSA}
+	}
+	if len(algs) == 0 {
+		return verifyKey{}, false
+	}
+	if a := k.Algorithm().String(); a != "" {
+		for _, ok := range algs {
+			if ok.String() == a {
+				return verifyKey{raw: pub, algs: []jwa.SignatureAlgorithm{ok}}, true
+			}
+		}
+		return verifyKey{}, false
+	}
+	return verifyKey{raw: pub, algs: algs}, true
+}
+
+// joseHeader holds the header fields this service acts on. Keys named by the
+// token itself (jku, x5u, jwk, x5c) are deliberately absent: they are never
+// fetched or trusted, only the configured set is.
+type joseHeader struct {
+	Alg  string          `json:"alg"`
+	Kid  string          `json:"kid"`
+	Crit json.RawMessage `json:"crit"`
+	B64  json.RawMessage `json:"b64"`
+}
+
+// Verify returns the user id of a valid token. Errors are *authError (401)
+// or errNoKeys (503).
+func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
+	kr := v.keys.Load()
+	if kr == nil {
+		return 0, errNoKeys
+	}
+	headerPart, ok := compactHeader(token)
+	if !ok {
+		return 0, reject(reasonMalformed, "the token is not a compact JWS")
+	}
+	var hdr joseHeader
+	if err := decodeSegment(headerPart, &hdr); err != nil {
+		return 0, reject(reasonMalformed, "the token header is not valid")
+	}
+	// RFC 7515 §4.1.11: an unknown critical extension must be refused, and
+	// this service understands none (b64=false would change what is signed).
+	if len(hdr.Crit) > 0 || len(hdr.B64) > 0 {
+		return 0, reject(reasonMalformed, "the token uses an unsupported header extension")
+	}
+	if !allowedAlg(hdr.Alg) {
+		return 0, reject(reasonBadSignature, "the token algorithm is not accepted")
+	}
+	if hdr.Kid == "" {
+		return 0, reject(reasonUnknownKey, "the token names no key id")
+	}
+	key, found := kr.byKid[hdr.Kid]
+	if !found {
+		v.refreshForUnknownKid(ctx)
+		if key, found = v.keys.Load().byKid[hdr.Kid]; !found {
+			return 0, reject(reasonUnknownKey, "the token was signed by an unknown key")
+		}
+	}
+	alg := jwa.SignatureAlgorithm(hdr.Alg)
+	if !algIn(alg, key.algs) {
+		return 0, reject(reasonBadSignature, "the token algorithm does not match its key")
+	}
+	payload, err := jws.Verify([]byte(token), jws.WithKey(alg, key.raw), jws.WithCompact())
+	if err != nil {
+		return 0, reject(reasonBadSignature, "the token signature is not valid")
+	}
+	return v.checkClaims(payload)
+}
+
+// compactHeader accepts only the compact serialization: three base64url
+// segments. The JSON serialization (several signatures, unprotected headers)
+// and JWE (five segments) never reach the verifier.
+func compactHeader(token string) (string, bool) {
+	dots := 0
+	for i := 0; i < len(token); i++ {
+		c := token[i]
+		switch {
+		case c == '.':
+			dots++
+		case c >= 'A' && c <= 'Z', c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-', c == '_':
+		default:
+			return "", false
+		}
+	}
+	if dots != 2 {
+		return "", false
+	}
+	header, _, _ := strings.Cut(token, ".")
+	return header, header != ""
+}
+
+func allowedAlg(alg string) bool {
+	switch jwa.SignatureAlgorithm(alg) {
+	case jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512,
+		jwa.ES256, jwa.ES384, jwa.ES512, jwa.EdDSA:
+		return true
+	}
+	return false
+}
+
+func algIn(alg jwa.SignatureAlgorithm, algs []jwa.SignatureAlgorithm) bool {
+	for _, a := range algs {
+		if a == alg {
+			return true
+		}
+	}
+	return false
+}
+
+func decodeSegment(seg string, dst any) error {
+	raw, err := base64.RawURLEncoding.DecodeString(seg)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(raw, dst)
+}
+
+// maxNumericDate is 9999-12-31T23:59:59Z: a larger exp is not a date but an
+// attempt at a token that never expires.
+const maxNumericDate = 253402300799
+
+// checkClaims validates the registered claims and extracts the user id from
+// the raw payload. Numbers are read as text, so a user id above 2^53 can
+// never turn into a neighbouring user's id the way float64 decoding would.
+func (v *Verifier) checkClaims(payload []byte) (int64, error) {
+	claims, err := decodeClaims(payload)
+	if err != nil {
+		return 0, reject(reasonClaims, err.Error())
+	}
+	now := float64(v.now().UnixNano()) / 1e9
+	leeway := v.cfg.leeway.Seconds()
+
+	exp, present, err := numericDate(claims["exp"])
+	switch {
+	case err != nil:
+		return 0, reject(reasonClaims, "exp is not a valid date")
+	case !present:
+		return 0, reject(reasonClaims, "exp is required")
+	case now > exp+leeway:
+		return 0, reject(reasonExpired, "the token has expired")
+	}
+	for _, name := range [...]string{"nbf", "iat"} {
+		t, present, err := numericDate(claims[name])
+		if err != nil {
+			return 0, reject(reasonClaims, name+" is not a valid date")
+		}
+		if present && t > now+leeway {
+			return 0, reject(reasonClaims, name+" is in the future")
+		}
+	}
+	var iss string
+	if raw, ok := claims["iss"]; !ok || json.Unmarshal(raw, &iss) != nil || iss != v.cfg.issuer {
+		return 0, reject(reasonClaims, "the token issuer is not accepted")
+	}
+	if v.cfg.audience != "" && !audienceContains(claims["aud"], v.cfg.audience) {
+		return 0, reject(reasonClaims, "the token audience is not accepted")
+	}
+	uid, ok := parseUserID(claims[v.cfg.userClaim])
+	if !ok {
+		return 0, reject(reasonClaims, "the token's user claim is not a positive integer id")
+	}
+	return uid, nil
+}
+
+// decodeClaims splits the payload into its top-level members and refuses a
+// repeated member name: parsers disagree on which duplicate wins, and that
+// disagreement is an attack surface (RFC 8725 §3.9 spirit, RFC 7519 §4).
+func decodeClaims(payload []byte) (map[string]json.RawMessage, error) {
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, errors.New("the token claims are not a JSON object")
+	}
+	claims := make(map[string]json.RawMessage, 8)
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, errors.New("the token claims are not valid JSON")
+		}
+		name, _ := tok.(string)
+		var val json.RawMessage
+		if err := dec.Decode(&val); err != nil {
+			return nil, errors.New("the token claims are not valid JSON")
+		}
+		if _, dup := claims[name]; dup {
+			return nil, errors.New("the token repeats a claim")
+		}
+		claims[name] = val
+	}
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
+		return nil, errors.New("the token claims are not valid JSON")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("the token claims have trailing data")
+	}
+	return claims, nil
+}
+
+// numericDate reads an RFC 7519 NumericDate: a JSON number of seconds. A
+// string, a negative or an absurdly large value is an error, not a date.
+func numericDate(raw json.RawMessage) (float64, bool, error) {
+	if raw == nil {
+		return 0, false, nil
+	}
+	s := string(raw)
+	if s == "" || !(s[0] >= '0' && s[0] <= '9') {
+		return 0, true, errors.New("not a non-negative number")
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(f) || f > maxNumericDate {
+		return 0, true, errors.New("not a date")
+	}
+	return f, true, nil
+}
+
+func audienceContains(raw json.RawMessage, want string) bool {
+	if raw == nil {
+		return false
+	}
+	var one string
+	if json.Unmarshal(raw, &one) == nil {
+		return one == want
+	}
+	var many []string
+	if json.Unmarshal(raw, &many) != nil {
+		return false
+	}
+	for _, a := range many {
+		if a == want {
+			return true
+		}
+	}
+	return false
+}
+
+// parseUserID accepts a positive int64 as a JSON integer literal (42) or a
+// decimal string ("42"): digits only, no sign, exponent, fraction, spaces or
+// leading zeros, so exactly one spelling maps to each user.
+func parseUserID(raw json.RawMessage) (int64, bool) {
+	s := string(raw)
+	if len(s) >= 2 && s[0] == '"' && s[len(s)-1] == '"' {
+		s = s[1 : len(s)-1]
+	}
+	if s == "" || len(s) > 19 || s[0] == '0' {
+		return 0, false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, false
+		}
+	}
+	id, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || id <= 0 {
+		return 0, false
+	}
+	return id, true
+}
+
+type ctxKey int
+
+const userIDKey ctxKey = 0
+
+// userFromContext returns the verified user id the middleware stored.
+func userFromContext(ctx context.Context) (int64, bool) {
+	id, ok := ctx.Value(userIDKey).(int64)
+	return id, ok
+}
+
+const bearerRealm = `Bearer realm="threeds-records"`
+
+// Middleware admits only requests with a valid bearer token in the
+// Authorization header and hands the user id to next through the context.
+// Tokens in the query string or cookies are never looked at (RFC 6750 §5.3).
+func (v *Verifier) Middleware(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		info := requestInfoFrom(r.Context())
+		start := time.Now()
+		uid, err := v.authenticate(r)
+		info.authDur = time.Since(start)
+		if err != nil {
+			v.refuse(w, r, err)
+			return
+		}
+		info.userID = uid
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userIDKey, uid)))
+	})
+}
+
+func (v *Verifier) authenticate(r *http.Request) (int64, error) {
+	values := r.Header.Values("Authorization")
+	if len(values) == 0 {
+		return 0, reject(reasonMissing, "send an Authorization: Bearer <token> header")
+	}
+	if len(values) > 1 {
+		return 0, reject(reasonMalformed, "send exactly one Authorization header")
+	}
+	h := values[0]
+	if len(h) > maxAuthHeader {
+		return 0, reject(reasonMalformed, "the Authorization header is over 8 KiB")
+	}
+	scheme, token, ok := strings.Cut(h, " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return 0, reject(reasonMalformed, "the Authorization scheme must be Bearer")
+	}
+	token = strings.TrimLeft(token, " ")
+	if token == "" {
+		return 0, reject(reasonMalformed, "the bearer token is empty")
+	}
+	return v.Verify(r.Context(), token)
+}
+
+func (v *Verifier) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	var ae *authError
+	if !errors.As(err, &ae) {
+		writeError(w, r, http.StatusServiceUnavailable, "unavailable",
+			"the service is starting and cannot verify tokens yet; retry shortly")
+		return
+	}
+	v.rejections[ae.reason].Add(1)
+	if ae.reason == reasonMissing {
+		w.Header().Set("WWW-Authenticate", bearerRealm)
+		writeError(w, r, http.StatusUnauthorized, "missing_token", ae.detail)
+		return
+	}
+	w.Header().Set("WWW-Authenticate", bearerRealm+`, error="invalid_token", error_description="`+ae.detail+`"`)
+	writeError(w, r, http.StatusUnauthorized, "invalid_token", ae.detail)
+}

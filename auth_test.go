@@ -1,0 +1,413 @@
+package main
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+)
+
+// whoami answers with the user id the middleware admitted.
+var whoami = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	id, _ := userFromContext(r.Context())
+	writeJSON(w, r, http.StatusOK, map[string]int64{"user_id": id})
+})
+
+// callWith sends one request through the middleware with the given
+// Authorization header values (none when empty).
+func callWith(v *Verifier, target string, auth ...string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest(http.MethodGet, target, nil)
+	for _, a := range auth {
+		req.Header.Add("Authorization", a)
+	}
+	rec := httptest.NewRecorder()
+	v.Middleware(whoami).ServeHTTP(rec, req)
+	return rec
+}
+
+func admittedUser(t *testing.T, rec *httptest.ResponseRecorder) int64 {
+	t.Helper()
+	if rec.Code != http.StatusOK {
+		t.Fatalf("status %d, want 200; body %s", rec.Code, rec.Body)
+	}
+	var got struct {
+		UserID int64 `json:"user_id"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	return got.UserID
+}
+
+// assertRefused checks the full 401 answer: JSON {error, details}, the
+// RFC 6750 challenge, no caching, and no echo of the token.
+func assertRefused(t *testing.T, rec *httptest.ResponseRecorder, token string, withErrorCode bool) {
+	t.Helper()
+	if rec.Code != http.StatusUnauthorized {
+		t.Fatalf("status %d, want 401; body %s", rec.Code, rec.Body)
+	}
+	challenge := rec.Header().Get("WWW-Authenticate")
+	if !strings.HasPrefix(challenge, `Bearer realm="threeds-records"`) {
+		t.Errorf("WWW-Authenticate = %q", challenge)
+	}
+	if got := strings.Contains(challenge, `error="invalid_token"`); got != withErrorCode {
+		t.Errorf("WWW-Authenticate = %q, want invalid_token: %v", challenge, withErrorCode)
+	}
+	assertErrorBody(t, rec.Result().Header, rec.Body.Bytes())
+	if token != "" && len(token) > 10 && strings.Contains(rec.Body.String()+challenge, token[len(token)-10:]) {
+		t.Errorf("the answer echoes the token: %s", rec.Body)
+	}
+}
+
+// assertErrorBody checks the one error shape every non-200 answer has.
+func assertErrorBody(t testing.TB, h http.Header, body []byte) {
+	t.Helper()
+	if ct := h.Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type = %q", ct)
+	}
+	if cc := h.Get("Cache-Control"); cc != "no-store" {
+		t.Errorf("Cache-Control = %q", cc)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(body, &m); err != nil {
+		t.Fatalf("error body is not JSON: %q", body)
+	}
+	if len(m) != 2 {
+		t.Errorf("error body has keys %v, want exactly error and details", m)
+	}
+	for _, k := range []string{"error", "details"} {
+		if s, ok := m[k].(string); !ok || s == "" {
+			t.Errorf("error body %q: %s is not a non-empty string", body, k)
+		}
+	}
+}
+
+func TestVerifierRefusesEveryUnacceptableCredential(t *testing.T) {
+	good := newTestKey(t, jwa.RS256, "rsa-1", 0)
+	outsider := newTestKey(t, jwa.RS256, "rsa-1", 1) // same kid, key not in the set
+	ec := newTestKey(t, jwa.ES256, "ec-1", 0)
+	idp := newJWKSServer(t, good.publicJWK(t, false), ec.publicJWK(t, false))
+	v := newTestVerifier(t, testAuthConfig(idp.URL))
+
+	attacker := newJWKSServer(t, outsider.publicJWK(t, false))
+	rawPub, _ := jwk.PublicRawKeyOf(good.priv)
+	der, _ := x509.MarshalPKIXPublicKey(rawPub)
+	pubPEM := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+
+	now := time.Now().Unix()
+	with := func(changes map[string]any) map[string]any {
+		c := validClaims("1001")
+		for k, val := range changes {
+			if val == nil {
+				delete(c, k)
+			} else {
+				c[k] = val
+			}
+		}
+		return c
+	}
+	payload, _ := json.Marshal(validClaims("1001"))
+	hs256 := func(secret []byte) string {
+		hdr := []byte(`{"alg":"HS256","typ":"JWT","kid":"rsa-1"}`)
+		enc := unsignedToken(hdr, payload, nil)
+		mac := hmac.New(sha256.New, secret)
+		mac.Write([]byte(enc[:len(enc)-1]))
+		return unsignedToken(hdr, payload, mac.Sum(nil))
+	}
+
+	cases := []struct {
+		name          string
+		header        []string
+		withErrorCode bool
+		reason        rejectReason
+	}{
+		{"no Authorization header is refused without an error code", nil, false, reasonMissing},
+		{"a Basic scheme is refused", []string{"Basic dXNlcjpwYXNz"}, true, reasonMalformed},
+		{"a bearer with no token is refused", []string{"Bearer "}, true, reasonMalformed},
+		{"garbage is refused", []string{"Bearer not-a-token"}, true, reasonMalformed},
+		{"two Authorization headers are refused", []string{"Bearer " + good.token(t, with(nil)), "Bearer " + good.token(t, with(nil))}, true, reasonMalformed},
+		{"an expired token is refused", []string{"Bearer " + good.token(t, with(map[string]any{"exp": now - 120}))}, true, reasonExpired},
+		{"a token without exp is refused", []string{"Bearer " + good.token(t, with(map[string]any{"exp": nil}))}, true, reasonClaims},
+		{"a token with exp as a string is refused", []string{"Bearer " + good.token(t, with(map[string]any{"exp": strconv.FormatInt(now+600, 10)}))}, true, reasonClaims},
+		{"a token not valid before the future is refused", []string{"Bearer " + good.token(t, with(map[string]any{"nbf": now + 120}))}, true, reasonClaims},
+		{"a token issued in the future is refused", []string{"Bearer " + good.token(t, with(map[string]any{"iat": now + 120}))}, true, reasonClaims},
+		{"a token from another issuer is refused", []string{"Bearer " + good.token(t, with(map[string]any{"iss": "https://evil.test"}))}, true, reasonClaims},
+		{"a token without issuer is refused", []string{"Bearer " + good.token(t, with(map[string]any{"iss": nil}))}, true, reasonClaims},
+		{"a token for another audience is refused", []string{"Bearer " + good.token(t, with(map[string]any{"aud": "other-service"}))}, true, reasonClaims},
+		{"a token without audience is refused", []string{"Bearer " + good.token(t, with(map[string]any{"aud": nil}))}, true, reasonClaims},
+		{"a token naming an unknown kid is refused", []string{"Bearer " + newTestKey(t, jwa.ES256, "nobody", 0).token(t, with(nil))}, true, reasonUnknownKey},
+		{"a token signed by a key outside the set is refused", []string{"Bearer " + outsider.token(t, with(nil))}, true, reasonBadSignature},
+		{"a token signed with another algorithm than its key's is refused", []string{"Bearer " + newTestKeyFrom(t, good, jwa.PS256).token(t, with(nil))}, true, reasonBadSignature},
+		{"alg none is refused", []string{"Bearer " + unsignedToken([]byte(`{"alg":"none","kid":"rsa-1"}`), payload, nil)}, true, reasonBadSignature},
+		{"HS256 keyed with the public key PEM is refused", []string{"Bearer " + hs256(pubPEM)}, true, reasonBadSignature},
+		{"HS256 keyed with the public key DER is refused", []string{"Bearer " + hs256(der)}, true, reasonBadSignature},
+		{"a jku header pointing at an attacker's keys is refused", []string{"Bearer " + outsider.sign(t, payload, map[string]any{"jku": attacker.URL})}, true, reasonBadSignature},
+		{"an unknown critical header is refused", []string{"Bearer " + good.sign(t, payload, map[string]any{"crit": []string{"exp-ext"}, "exp-ext": 1})}, true, reasonMalformed},
+		{"a non-numeric user id is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": "alice"}))}, true, reasonClaims},
+		{"user id zero is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": 0}))}, true, reasonClaims},
+		{"a negative user id is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": "-5"}))}, true, reasonClaims},
+		{"a fractional user id is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": 1.5}))}, true, reasonClaims},
+		{"a user id above int64 is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": "9223372036854775808"}))}, true, reasonClaims},
+		{"a user id with spaces is refused", []string{"Bearer " + good.token(t, with(map[string]any{"sub": " 1001"}))}, true, reasonClaims},
+		{"duplicate claims are refused", []string{"Bearer " + good.sign(t, []byte(fmt.Sprintf(`{"iss":%q,"aud":%q,"exp":%d,"sub":"1001","sub":"1002"}`, testIssuer, testAudience, now+600)), nil)}, true, reasonClaims},
+		{"an Authorization header over 8 KiB is refused", []string{"Bearer " + strings.Repeat("a", 9000)}, true, reasonMalformed},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var before [numReasons]int64
+			for i := range before {
+				before[i] = v.rejections[i].Load()
+			}
+			rec := callWith(v, "/3ds/my-records", tc.header...)
+			token := ""
+			if len(tc.header) > 0 {
+				token = strings.TrimPrefix(tc.header[0], "Bearer ")
+			}
+			assertRefused(t, rec, token, tc.withErrorCode)
+			if n := v.rejections[tc.reason].Load() - before[tc.reason]; n != 1 {
+				t.Errorf("rejections{reason=%s} grew by %d, want 1", tc.reason, n)
+			}
+		})
+	}
+	if n := attacker.hits.Load(); n != 0 {
+		t.Errorf("the jku server was fetched %d times; it must never be", n)
+	}
+}
+
+// newTestKeyFrom reuses k's private key under another algorithm label.
+func newTestKeyFrom(t testing.TB, k testKey, alg jwa.SignatureAlgorithm) testKey {
+	t.Helper()
+	return testKey{kid: k.kid, alg: alg, priv: k.priv}
+}
+
+func TestVerifierAcceptsValidTokens(t *testing.T) {
+	rs := newTestKey(t, jwa.RS256, "rs", 0)
+	ps := newTestKey(t, jwa.PS256, "ps-no-alg", 1)
+	es := newTestKey(t, jwa.ES256, "es", 0)
+	ed := newTestKey(t, jwa.EdDSA, "ed", 0)
+	idp := newJWKSServer(t, rs.publicJWK(t, false), ps.publicJWK(t, true), es.publicJWK(t, false), ed.publicJWK(t, false))
+	v := newTestVerifier(t, testAuthConfig(idp.URL))
+
+	aud := validClaims("42")
+	aud["aud"] = []string{"other", testAudience}
+	late := validClaims("42")
+	late["exp"] = time.Now().Unix() - 10 // expired, but within the 30 s leeway
+
+	cases := []struct {
+		name   string
+		header string
+		want   int64
+	}{
+		{"an RS256 token is accepted", "Bearer " + rs.token(t, validClaims("42")), 42},
+		{"a PS256 token from a key published without alg is accepted", "Bearer " + ps.token(t, validClaims("42")), 42},
+		{"an ES256 token is accepted", "Bearer " + es.token(t, validClaims("42")), 42},
+		{"an EdDSA token is accepted", "Bearer " + ed.token(t, validClaims("42")), 42},
+		{"a numeric sub is accepted", "Bearer " + es.token(t, validClaims(7)), 7},
+		{"a numeric sub above 2^53 keeps every digit", "Bearer " + es.sign(t, []byte(fmt.Sprintf(`{"iss":%q,"aud":%q,"exp":%d,"sub":9007199254740993}`, testIssuer, testAudience, time.Now().Unix()+600)), nil), 9007199254740993},
+		{"the largest int64 user id is accepted", "Bearer " + es.token(t, validClaims("9223372036854775807")), 9223372036854775807},
+		{"a lowercase bearer scheme is accepted", "bearer " + es.token(t, validClaims("42")), 42},
+		{"an audience list containing ours is accepted", "Bearer " + es.token(t, aud), 42},
+		{"a token expired within the leeway is accepted", "Bearer " + es.token(t, late), 42},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := admittedUser(t, callWith(v, "/", tc.header)); got != tc.want {
+				t.Errorf("user = %d, want %d", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestVerifierReadsTheUserFromTheConfiguredClaim(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	idp := newJWKSServer(t, k.publicJWK(t, false))
+	cfg := testAuthConfig(idp.URL)
+	cfg.userClaim = "uid"
+	v := newTestVerifier(t, cfg)
+
+	c := validClaims("not-a-number")
+	c["uid"] = "555"
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+k.token(t, c))); got != 555 {
+		t.Errorf("user = %d, want 555", got)
+	}
+	assertRefused(t, callWith(v, "/", "Bearer "+k.token(t, validClaims("555"))), "", true)
+}
+
+func TestVerifierWithoutAudienceConfiguredIgnoresAud(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	idp := newJWKSServer(t, k.publicJWK(t, false))
+	cfg := testAuthConfig(idp.URL)
+	cfg.audience = ""
+	v := newTestVerifier(t, cfg)
+	c := validClaims("9")
+	delete(c, "aud")
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+k.token(t, c))); got != 9 {
+		t.Errorf("user = %d, want 9", got)
+	}
+}
+
+func TestVerifierIgnoresTokensOutsideTheAuthorizationHeader(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	v := newTestVerifier(t, testAuthConfig(newJWKSServer(t, k.publicJWK(t, false)).URL))
+	tok := k.token(t, validClaims("42"))
+
+	req := httptest.NewRequest(http.MethodGet, "/3ds/my-records?access_token="+tok, nil)
+	req.AddCookie(&http.Cookie{Name: "access_token", Value: tok})
+	rec := httptest.NewRecorder()
+	v.Middleware(whoami).ServeHTTP(rec, req)
+	assertRefused(t, rec, tok, false)
+}
+
+func TestVerifierAcceptsANewKeyWithin15Seconds(t *testing.T) {
+	old := newTestKey(t, jwa.ES256, "2026-01", 0)
+	rotated := newTestKey(t, jwa.ES256, "2026-02", 0)
+	idp := newJWKSServer(t, old.publicJWK(t, false))
+	v := newTestVerifier(t, testAuthConfig(idp.URL))
+	tok := rotated.token(t, validClaims("42"))
+
+	// The first sight of the new kid forces a refresh that finds nothing.
+	assertRefused(t, callWith(v, "/", "Bearer "+tok), tok, true)
+	idp.setKeys(t, old.publicJWK(t, false), rotated.publicJWK(t, false))
+	published := time.Now()
+	waitFor(t, 15*time.Second, "the rotated key to be accepted", func() bool {
+		return callWith(v, "/", "Bearer "+tok).Code == http.StatusOK
+	})
+	t.Logf("rotated key accepted %s after publication", time.Since(published).Round(time.Millisecond))
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+old.token(t, validClaims("43")))); got != 43 {
+		t.Errorf("the old key stopped working: user %d", got)
+	}
+}
+
+func TestVerifierRateLimitsRefreshesForUnknownKids(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	idp := newJWKSServer(t, k.publicJWK(t, false))
+	v := newTestVerifier(t, testAuthConfig(idp.URL))
+	before := idp.hits.Load()
+	stranger := newTestKey(t, jwa.ES256, "x", 0)
+	for i := range 200 {
+		stranger.kid = "random-" + strconv.Itoa(i)
+		callWith(v, "/", "Bearer "+stranger.token(t, validClaims("42")))
+	}
+	if n := idp.hits.Load() - before; n > 1 {
+		t.Errorf("200 unknown kids caused %d JWKS fetches within the refresh gap; want at most 1", n)
+	}
+}
+
+func TestVerifierKeepsKnownKeysWhileTheJWKSEndpointIsDown(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	idp := newJWKSServer(t, k.publicJWK(t, false))
+	cfg := testAuthConfig(idp.URL)
+	cfg.refreshEvery, cfg.minRefreshGap = 50*time.Millisecond, 10*time.Millisecond
+	v := newTestVerifier(t, cfg)
+
+	idp.down.Store(true)
+	failedBefore := v.refreshFailed.Load()
+	waitFor(t, 5*time.Second, "a failed refresh", func() bool { return v.refreshFailed.Load() > failedBefore+2 })
+	idp.Close() // now not even a connection
+	time.Sleep(100 * time.Millisecond)
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+k.token(t, validClaims("42")))); got != 42 {
+		t.Errorf("user = %d", got)
+	}
+	if !v.Ready() || v.KeyCount() != 1 {
+		t.Errorf("ready=%v keys=%d after the outage, want the last good key kept", v.Ready(), v.KeyCount())
+	}
+}
+
+func TestVerifierWithoutKeysAnswers503(t *testing.T) {
+	idp := newJWKSServer(t)
+	idp.down.Store(true)
+	v := NewVerifier(testAuthConfig(idp.URL), discardLogger())
+	t.Cleanup(v.Close)
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	rec := callWith(v, "/", "Bearer "+k.token(t, validClaims("42")))
+	if rec.Code != http.StatusServiceUnavailable {
+		t.Fatalf("status %d, want 503", rec.Code)
+	}
+	assertErrorBody(t, rec.Result().Header, rec.Body.Bytes())
+}
+
+func TestVerifierRereadsAChangedJWKSFile(t *testing.T) {
+	first := newTestKey(t, jwa.EdDSA, "file-1", 0)
+	second := newTestKey(t, jwa.RS256, "file-2", 0)
+	path := filepath.Join(t.TempDir(), "jwks.json")
+	if err := os.WriteFile(path, jwksJSON(t, first.publicJWK(t, false)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testAuthConfig("")
+	cfg.jwksFile = path
+	cfg.refreshEvery, cfg.minRefreshGap = 2*time.Second, time.Second
+	v := newTestVerifier(t, cfg)
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+first.token(t, validClaims("1")))); got != 1 {
+		t.Fatalf("user = %d", got)
+	}
+
+	// Written the way Kubernetes updates a mounted ConfigMap: a new file
+	// renamed into place.
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, jwksJSON(t, second.publicJWK(t, false)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+	tok := second.token(t, validClaims("2"))
+	waitFor(t, 15*time.Second, "the new file's key to be accepted", func() bool {
+		return callWith(v, "/", "Bearer "+tok).Code == http.StatusOK
+	})
+	waitFor(t, 15*time.Second, "the removed key to be refused", func() bool {
+		return callWith(v, "/", "Bearer "+first.token(t, validClaims("1"))).Code == http.StatusUnauthorized
+	})
+
+	// A broken file keeps the last good keys.
+	if err := os.WriteFile(path, []byte("{not json"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	failed := v.refreshFailed.Load()
+	waitFor(t, 10*time.Second, "the broken file to be noticed", func() bool { return v.refreshFailed.Load() > failed })
+	if got := admittedUser(t, callWith(v, "/", "Bearer "+tok)); got != 2 {
+		t.Errorf("user = %d", got)
+	}
+}
+
+func TestParseUserID(t *testing.T) {
+	cases := map[string]int64{
+		`1`: 1, `"1"`: 1, `9223372036854775807`: 9223372036854775807, `"9223372036854775807"`: 9223372036854775807,
+		`0`: 0, `"0"`: 0, `-1`: 0, `"-1"`: 0, `1.0`: 0, `1e3`: 0, `"1e3"`: 0, `" 1"`: 0, `"1 "`: 0, `"+1"`: 0,
+		`"01"`: 0, `9223372036854775808`: 0, `""`: 0, `null`: 0, `true`: 0, `[1]`: 0, `{"id":1}`: 0, ``: 0, `"0x10"`: 0,
+	}
+	for in, want := range cases {
+		got, ok := parseUserID(json.RawMessage(in))
+		if ok != (want != 0) || got != want {
+			t.Errorf("parseUserID(%s) = %d, %v; want %d", in, got, ok, want)
+		}
+	}
+}
+
+func TestVerifierStopsItsBackgroundRefreshOnClose(t *testing.T) {
+	k := newTestKey(t, jwa.ES256, "es", 0)
+	idp := newJWKSServer(t, k.publicJWK(t, false))
+	cfg := testAuthConfig(idp.URL)
+	cfg.refreshEvery = 20 * time.Millisecond
+	v := NewVerifier(cfg, discardLogger())
+	waitFor(t, 5*time.Second, "keys", v.Ready)
+	v.Close()
+	time.Sleep(50 * time.Millisecond) // let a cancelled fetch's server side finish counting
+	hits := idp.hits.Load()
+	time.Sleep(150 * time.Millisecond)
+	if n := idp.hits.Load(); n != hits {
+		t.Errorf("JWKS fetched %d more times after Close", n-hits)
+	}
+}

@@ -1,0 +1,128 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"net/url"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// newTestDB creates a fresh, uniquely named database on the cluster at DATABASE_URL,
+// applies schemaSQL, registers cleanup (DROP DATABASE ... WITH (FORCE)), and returns its connection string.
+func newTestDB(t testing.TB) string {
+	t.Helper()
+	connString := newEmptyTestDB(t)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, connString)
+	if err != nil {
+		t.Fatalf("connect to test database: %v", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, schemaSQL); err != nil {
+		t.Fatalf("apply schema.sql: %v", err)
+	}
+	return connString
+}
+
+// newEmptyTestDB is newTestDB without the schema, for tests of Migrate itself.
+func newEmptyTestDB(t testing.TB) string {
+	t.Helper()
+	adminURL := os.Getenv("DATABASE_URL")
+	if adminURL == "" {
+		t.Fatal("DATABASE_URL is not set: run `make test` (it starts PostgreSQL) or set DATABASE_URL to a PostgreSQL server where the tests may create databases")
+	}
+
+	// Random, not derived from the test name: parallel tests and parallel
+	// packages share one cluster, and a crashed run must not block the next.
+	var suffix [8]byte
+	if _, err := rand.Read(suffix[:]); err != nil {
+		t.Fatalf("random database name: %v", err)
+	}
+	name := "threeds_test_" + hex.EncodeToString(suffix[:])
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin, err := pgx.Connect(ctx, adminURL)
+	if err != nil {
+		t.Fatalf("connect to DATABASE_URL: %v", err)
+	}
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{name}.Sanitize()); err != nil {
+		t.Fatalf("create test database: %v", err)
+	}
+	t.Cleanup(func() { dropTestDB(t, adminURL, name) })
+
+	connString, err := withDatabase(adminURL, name)
+	if err != nil {
+		t.Fatalf("test database connection string: %v", err)
+	}
+	return connString
+}
+
+func dropTestDB(t testing.TB, adminURL, name string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin, err := pgx.Connect(ctx, adminURL)
+	if err != nil {
+		t.Errorf("drop test database %s: %v", name, err)
+		return
+	}
+	defer admin.Close(ctx)
+	// FORCE: a test that failed half-way may still hold connections.
+	if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
+		t.Errorf("drop test database %s: %v", name, err)
+	}
+}
+
+// withDatabase points connString at another database on the same server,
+// accepting both forms pgx does: URLs and keyword/value strings.
+func withDatabase(connString, name string) (string, error) {
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		if err != nil {
+			return "", err
+		}
+		u.Path = "/" + name
+		u.RawPath = ""
+		return u.String(), nil
+	}
+	// In keyword/value form the last occurrence of a keyword wins.
+	return connString + " dbname=" + name, nil
+}
+
+// newTestStore returns a Store on a pool for newTestDB (pool closed on cleanup), timeout 3s.
+func newTestStore(t testing.TB) (*Store, *pgxpool.Pool) {
+	t.Helper()
+	pool := newTestPool(t, newTestDB(t), nil)
+	return NewStore(pool, 3*time.Second), pool
+}
+
+// newTestPool opens a pool on connString, letting a test adjust the config
+// (session settings, tracers) first, and closes it on cleanup.
+func newTestPool(t testing.TB, connString string, configure func(*pgxpool.Config)) *pgxpool.Pool {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(connString)
+	if err != nil {
+		t.Fatalf("parse test database config: %v", err)
+	}
+	if configure != nil {
+		configure(cfg)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatalf("open test pool: %v", err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}

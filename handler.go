@@ -1,0 +1,343 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strconv"
+	"sync/atomic"
+	"time"
+)
+
+const (
+	defaultPageSize = 20
+	maxPageSize     = 100
+	maxPage         = 1<<31 - 1
+)
+
+// server is the whole HTTP surface. It is an http.Handler; draining flips
+// readiness when shutdown starts.
+type server struct {
+	mux      *http.ServeMux
+	store    *Store
+	verifier *Verifier
+	logger   *slog.Logger
+	metrics  *metrics
+	draining atomic.Bool
+}
+
+// newServer registers every route in one place.
+func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger}
+	s.metrics = newMetrics(store, verifier)
+	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(handleMyRecords(store, logger)))
+	s.mux.HandleFunc("GET /healthz", handleHealthz)
+	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
+	s.mux.Handle("GET /metrics", s.metrics)
+	return s
+}
+
+// requestInfo travels in the context so that the access log, the metrics and
+// the Server-Timing header all see the same figures.
+type requestInfo struct {
+	start     time.Time
+	requestID string
+	userID    int64
+	authDur   time.Duration
+	dbDur     time.Duration
+}
+
+type infoKey struct{}
+
+func requestInfoFrom(ctx context.Context) *requestInfo {
+	if info, ok := ctx.Value(infoKey{}).(*requestInfo); ok {
+		return info
+	}
+	return &requestInfo{start: time.Now()}
+}
+
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	info := &requestInfo{start: time.Now(), requestID: requestID(r.Header.Get("X-Request-ID"))}
+	w.Header().Set("X-Request-ID", info.requestID)
+	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
+	rec := &statusRecorder{ResponseWriter: w}
+
+	h, route := s.mux.Handler(r)
+	if route == "" {
+		// The mux's own 404 and 405 answers are plain text; rewrite them in
+		// the JSON error shape, keeping the Allow header it sets.
+		route = "unmatched"
+		h = jsonFallback(h)
+	}
+	h.ServeHTTP(rec, r)
+
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	elapsed := time.Since(info.start)
+	s.metrics.observe(route, rec.status, elapsed)
+	attrs := []slog.Attr{
+		slog.String("method", r.Method),
+		slog.String("route", route),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", rec.status),
+		slog.Int64("bytes", rec.bytes),
+		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
+		slog.String("request_id", info.requestID),
+	}
+	if info.userID != 0 {
+		attrs = append(attrs, slog.Int64("user_id", info.userID))
+	}
+	s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+}
+
+// requestID keeps a caller's id when it is short and printable, so a
+// support engineer can follow one request through gateway and service logs;
+// anything else is replaced, never echoed (header and log injection).
+func requestID(given string) string {
+	if given != "" && len(given) <= 128 {
+		ok := true
+		for i := 0; i < len(given); i++ {
+			c := given[i]
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == ':') {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return given
+		}
+	}
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if r.status == 0 {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(b)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// jsonFallback runs the mux's fallback handler but replaces its body.
+func jsonFallback(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.ServeHTTP(&fallbackWriter{ResponseWriter: w, r: r}, r)
+	})
+}
+
+type fallbackWriter struct {
+	http.ResponseWriter
+	r       *http.Request
+	written bool
+}
+
+func (f *fallbackWriter) WriteHeader(code int) {
+	if f.written {
+		return
+	}
+	f.written = true
+	h := f.ResponseWriter.Header()
+	h.Del("X-Content-Type-Options")
+	switch code {
+	case http.StatusMethodNotAllowed:
+		writeError(f.ResponseWriter, f.r, code, "method_not_allowed",
+			f.r.Method+" is not allowed here; allowed: "+h.Get("Allow"))
+	case http.StatusNotFound:
+		writeError(f.ResponseWriter, f.r, code, "not_found", "no such endpoint: "+f.r.URL.Path)
+	default:
+		writeError(f.ResponseWriter, f.r, code, http.StatusText(code), http.StatusText(code))
+	}
+}
+
+func (f *fallbackWriter) Write(b []byte) (int, error) {
+	if !f.written {
+		f.WriteHeader(http.StatusOK)
+	}
+	return len(b), nil
+}
+
+// writeJSON is the one place a response body is written: every answer gets
+// the same headers. Passcodes are live secrets, so nothing may be cached.
+func writeJSON(w http.ResponseWriter, r *http.Request, status int, body any) {
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Server-Timing", serverTiming(requestInfoFrom(r.Context())))
+	h.Del("Content-Length")
+	buf, err := json.Marshal(body)
+	if err != nil {
+		// Only our own types reach here; a failure is a programming error.
+		status = http.StatusInternalServerError
+		buf = []byte(`{"error":"internal_error","details":"the response could not be encoded"}`)
+	}
+	buf = append(buf, '\n')
+	h.Set("Content-Length", strconv.Itoa(len(buf)))
+	w.WriteHeader(status)
+	_, _ = w.Write(buf)
+}
+
+type errorBody struct {
+	Error   string `json:"error"`
+	Details string `json:"details"`
+}
+
+// writeError writes {error, details}. details is for a person reading curl
+// output; it must never carry SQL, paths, tokens or passcodes.
+func writeError(w http.ResponseWriter, r *http.Request, status int, code, details string) {
+	writeJSON(w, r, status, errorBody{Error: code, Details: details})
+}
+
+func serverTiming(info *requestInfo) string {
+	b := make([]byte, 0, 64)
+	b = append(b, "auth;dur="...)
+	b = strconv.AppendFloat(b, ms(info.authDur), 'f', 3, 64)
+	b = append(b, ", db;dur="...)
+	b = strconv.AppendFloat(b, ms(info.dbDur), 'f', 3, 64)
+	b = append(b, ", total;dur="...)
+	b = strconv.AppendFloat(b, ms(time.Since(info.start)), 'f', 3, 64)
+	return string(b)
+}
+
+func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+
+type recordsPage struct {
+	Page       int      `json:"page"`
+	PageSize   int      `json:"page_size"`
+	Total      int64    `json:"total"`
+	TotalPages int64    `json:"total_pages"`
+	Records    []Record `json:"records"`
+}
+
+type successBody struct {
+	Status string `json:"status"`
+	Data   any    `json:"data"`
+}
+
+func handleMyRecords(store *Store, logger *slog.Logger) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		page, pageSize, err := parsePaging(r.URL.RawQuery)
+		if err != nil {
+			writeError(w, r, http.StatusBadRequest, "invalid_parameter", err.Error())
+			return
+		}
+		userID, ok := userFromContext(r.Context())
+		if !ok {
+			// The route is always wrapped by the verifier; reaching here
+			// without a user is a wiring bug, and must fail closed.
+			writeError(w, r, http.StatusUnauthorized, "missing_token", "send an Authorization: Bearer <token> header")
+			return
+		}
+		info := requestInfoFrom(r.Context())
+		start := time.Now()
+		records, total, err := store.ListRecords(r.Context(), userID, page, pageSize)
+		info.dbDur = time.Since(start)
+		if err != nil {
+			logger.LogAttrs(r.Context(), slog.LevelError, "list records failed",
+				slog.String("request_id", info.requestID), slog.String("error", err.Error()))
+			writeError(w, r, http.StatusInternalServerError, "internal_error",
+				"the records could not be loaded; try again shortly")
+			return
+		}
+		writeJSON(w, r, http.StatusOK, successBody{Status: "success", Data: recordsPage{
+			Page:       page,
+			PageSize:   pageSize,
+			Total:      total,
+			TotalPages: (total + int64(pageSize) - 1) / int64(pageSize),
+			Records:    records,
+		}})
+	}
+}
+
+// parsePaging reads page and page_size from the raw query. It is strict on
+// purpose: a value that is not a plain decimal integer in range is a 400,
+// never a clamp or a default, so a client bug shows up at once.
+func parsePaging(rawQuery string) (page, pageSize int, err error) {
+	q, err := url.ParseQuery(rawQuery)
+	if err != nil {
+		return 0, 0, errors.New("the query string is malformed")
+	}
+	page, err = intParam(q, "page", 1, 1, maxPage)
+	if err != nil {
+		return 0, 0, err
+	}
+	pageSize, err = intParam(q, "page_size", defaultPageSize, 1, maxPageSize)
+	if err != nil {
+		return 0, 0, err
+	}
+	return page, pageSize, nil
+}
+
+func intParam(q url.Values, name string, def, lo, hi int) (int, error) {
+	vals := q[name]
+	if len(vals) > 1 {
+		return 0, errors.New(name + " must be given at most once")
+	}
+	if len(vals) == 0 || vals[0] == "" {
+		return def, nil
+	}
+	s := vals[0]
+	bad := errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
+	if len(s) > 10 {
+		return 0, bad
+	}
+	n := 0
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, bad
+		}
+		n = n*10 + int(s[i]-'0')
+	}
+	if n < lo || n > hi {
+		return 0, bad
+	}
+	return n, nil
+}
+
+func handleHealthz(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, r, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
+	var why string
+	switch {
+	case s.draining.Load():
+		why = "the service is shutting down"
+	case !s.verifier.Ready():
+		why = "verification keys are not loaded yet"
+	default:
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := s.store.Ping(ctx); err != nil {
+			why = "the database is not reachable"
+		}
+	}
+	if why != "" {
+		writeError(w, r, http.StatusServiceUnavailable, "not_ready", why)
+		return
+	}
+	writeJSON(w, r, http.StatusOK, map[string]string{"status": "ready"})
+}

@@ -1,0 +1,277 @@
+// Command threeds-records serves a signed-in cardholder's 3-D Secure
+// one-time passcode records: GET /3ds/my-records.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "threeds-records:", err)
+		var ce *configError
+		if errors.As(err, &ce) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+// configError is a missing or malformed setting: exit code 2, and the
+// message names the variable.
+type configError struct {
+	name string
+	msg  string
+}
+
+func (e *configError) Error() string { return e.name + ": " + e.msg }
+
+type config struct {
+	databaseURL     string
+	poolConfig      *pgxpool.Config
+	auth            authConfig
+	listenAddr      string
+	shutdownTimeout time.Duration
+	shutdownDelay   time.Duration
+	queryTimeout    time.Duration
+	logLevel        slog.Level
+}
+
+// loadConfig reads every variable of the contract. migrateOnly asks for the
+// database alone: the migration Job has no keys and no issuer.
+func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
+	c := &config{}
+	var err error
+	if c.queryTimeout, err = durationVar(getenv, "DB_QUERY_TIMEOUT", 3*time.Second); err != nil {
+		return nil, err
+	}
+	c.databaseURL = getenv("DATABASE_URL")
+	if c.databaseURL == "" {
+		return nil, &configError{"DATABASE_URL", "is required"}
+	}
+	if c.poolConfig, err = pgxpool.ParseConfig(c.databaseURL); err != nil {
+		// The parse error may quote the URL, password included: say less.
+		return nil, &configError{"DATABASE_URL", "is not a valid PostgreSQL connection string or URL"}
+	}
+	rp := c.poolConfig.ConnConfig.RuntimeParams
+	if _, set := rp["statement_timeout"]; !set && !migrateOnly {
+		// A context deadline only abandons the query on the Go side; the
+		// server keeps running it unless it has its own limit.
+		rp["statement_timeout"] = strconv.FormatInt(c.queryTimeout.Milliseconds(), 10)
+	}
+	if _, set := rp["application_name"]; !set {
+		rp["application_name"] = "threeds-records"
+	}
+	if c.logLevel, err = logLevelVar(getenv); err != nil {
+		return nil, err
+	}
+	if migrateOnly {
+		return c, nil
+	}
+
+	a := &c.auth
+	a.jwksURL, a.jwksFile = getenv("JWKS_URL"), getenv("JWKS_FILE")
+	switch {
+	case a.jwksURL == "" && a.jwksFile == "":
+		return nil, &configError{"JWKS_URL", "or JWKS_FILE is required"}
+	case a.jwksURL != "" && a.jwksFile != "":
+		return nil, &configError{"JWKS_URL", "and JWKS_FILE are both set; set exactly one"}
+	case a.jwksURL != "":
+		u, err := url.Parse(a.jwksURL)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return nil, &configError{"JWKS_URL", "must be an absolute http(s) URL"}
+		}
+		a.refreshEvery, a.minRefreshGap = 30*time.Second, 5*time.Second
+	default:
+		// A mounted file is cheap to re-read; Kubernetes swaps ConfigMap
+		// contents without telling the process.
+		a.refreshEvery, a.minRefreshGap = 2*time.Second, time.Second
+	}
+	if a.issuer = getenv("JWT_ISSUER"); a.issuer == "" {
+		return nil, &configError{"JWT_ISSUER", "is required"}
+	}
+	a.audience = getenv("JWT_AUDIENCE")
+	if a.userClaim = getenv("JWT_USER_CLAIM"); a.userClaim == "" {
+		a.userClaim = "sub"
+	}
+	if a.leeway, err = durationVar(getenv, "JWT_LEEWAY", 30*time.Second); err != nil {
+		return nil, err
+	}
+	if a.leeway > 5*time.Minute {
+		return nil, &configError{"JWT_LEEWAY", "must be at most 5m"}
+	}
+	if c.listenAddr = getenv("LISTEN_ADDR"); c.listenAddr == "" {
+		c.listenAddr = ":8080"
+	}
+	if _, port, err := net.SplitHostPort(c.listenAddr); err != nil || port == "" {
+		return nil, &configError{"LISTEN_ADDR", "must be host:port or :port"}
+	}
+	if c.shutdownTimeout, err = durationVar(getenv, "SHUTDOWN_TIMEOUT", 15*time.Second); err != nil {
+		return nil, err
+	}
+	if c.shutdownDelay, err = durationVar(getenv, "SHUTDOWN_DELAY", 0); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func durationVar(getenv func(string) string, name string, def time.Duration) (time.Duration, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 || (d == 0 && def != 0 && name != "JWT_LEEWAY") {
+		return 0, &configError{name, fmt.Sprintf("%q is not a positive duration such as 30s", s)}
+	}
+	return d, nil
+}
+
+func logLevelVar(getenv func(string) string) (slog.Level, error) {
+	switch strings.ToLower(getenv("LOG_LEVEL")) {
+	case "", "info":
+		return slog.LevelInfo, nil
+	case "debug":
+		return slog.LevelDebug, nil
+	case "warn", "warning":
+		return slog.LevelWarn, nil
+	case "error":
+		return slog.LevelError, nil
+	}
+	return 0, &configError{"LOG_LEVEL", "must be one of debug, info, warn, error"}
+}
+
+// redactedURL is DATABASE_URL fit for a log line.
+func redactedURL(pc *pgxpool.Config) string {
+	cc := pc.ConnConfig
+	return fmt.Sprintf("postgres://%s:xxxxx@%s/%s", cc.User, net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port))), cc.Database)
+}
+
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	migrate := false
+	switch {
+	case len(args) == 0:
+	case len(args) == 1 && args[0] == "migrate":
+		migrate = true
+	default:
+		return &configError{"arguments", fmt.Sprintf("unknown %q; usage: threeds-records [migrate]", strings.Join(args, " "))}
+	}
+	cfg, err := loadConfig(getenv, migrate)
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
+
+	pool, err := pgxpool.NewWithConfig(ctx, cfg.poolConfig)
+	if err != nil {
+		return fmt.Errorf("create pool: %w", err)
+	}
+	defer pool.Close()
+	if migrate {
+		// No per-statement limit: building the index on a table the writer
+		// has already filled may take minutes.
+		return runMigrate(ctx, NewStore(pool, 0), cfg, logger)
+	}
+	return serve(ctx, cfg, NewStore(pool, cfg.queryTimeout), logger)
+}
+
+// runMigrate retries for a while: as a Kubernetes Job it may start before
+// the database accepts connections.
+func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Logger) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	for {
+		err := store.Migrate(ctx)
+		if err == nil {
+			logger.Info("schema applied", "database", redactedURL(cfg.poolConfig))
+			return nil
+		}
+		logger.Warn("migrate failed; retrying", "error", err.Error())
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("migrate: %w", err)
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) error {
+	verifier := NewVerifier(cfg.auth, logger)
+	defer verifier.Close()
+	srv := newServer(store, verifier, logger)
+
+	ln, err := net.Listen("tcp", cfg.listenAddr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	httpServer := &http.Server{
+		Handler:           srv,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      cfg.queryTimeout + 10*time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	keys := "JWKS_URL=" + cfg.auth.jwksURL
+	if cfg.auth.jwksFile != "" {
+		keys = "JWKS_FILE=" + cfg.auth.jwksFile
+	}
+	logger.Info("listening",
+		"addr", ln.Addr().String(),
+		"database", redactedURL(cfg.poolConfig),
+		"keys", keys,
+		"issuer", cfg.auth.issuer,
+		"audience", cfg.auth.audience,
+		"user_claim", cfg.auth.userClaim,
+		"leeway", cfg.auth.leeway.String(),
+		"db_query_timeout", cfg.queryTimeout.String(),
+		"shutdown_timeout", cfg.shutdownTimeout.String(),
+	)
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- httpServer.Serve(ln) }()
+
+	select {
+	case err := <-serveErr:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+
+	// Readiness turns 503 first so the load balancer stops sending; then
+	// in-flight requests drain. Serve returns at once on Shutdown, so wait
+	// for Shutdown itself before closing the pool under running queries.
+	srv.draining.Store(true)
+	logger.Info("shutting down", "delay", cfg.shutdownDelay.String(), "timeout", cfg.shutdownTimeout.String())
+	if cfg.shutdownDelay > 0 {
+		// Without a preStop hook, this is the window in which endpoints
+		// controllers notice the 503 readiness and stop routing here.
+		time.Sleep(cfg.shutdownDelay)
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+	defer cancel()
+	err = httpServer.Shutdown(shutdownCtx)
+	if err != nil {
+		logger.Warn("shutdown timed out; closing remaining connections", "error", err.Error())
+		_ = httpServer.Close()
+	}
+	logger.Info("stopped")
+	return nil
+}

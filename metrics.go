@@ -1,0 +1,144 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// metrics is a hand-written Prometheus text exposition: a handful of
+// counters and one histogram do not justify a client library.
+type metrics struct {
+	store    *Store
+	verifier *Verifier
+
+	mu       sync.Mutex
+	requests map[routeCode]*atomic.Int64
+	latency  map[string]*histogram
+}
+
+type routeCode struct {
+	route string
+	code  int
+}
+
+// Buckets in seconds: a page is a millisecond or two, a slow database is
+// hundreds, a timeout is DB_QUERY_TIMEOUT.
+var latencyBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
+
+type histogram struct {
+	counts [14]atomic.Int64 // one per bucket, plus +Inf
+	sumNs  atomic.Int64
+}
+
+func newMetrics(store *Store, verifier *Verifier) *metrics {
+	return &metrics{
+		store:    store,
+		verifier: verifier,
+		requests: make(map[routeCode]*atomic.Int64),
+		latency:  make(map[string]*histogram),
+	}
+}
+
+func (m *metrics) observe(route string, code int, d time.Duration) {
+	m.mu.Lock()
+	c, ok := m.requests[routeCode{route, code}]
+	if !ok {
+		c = new(atomic.Int64)
+		m.requests[routeCode{route, code}] = c
+	}
+	h, ok := m.latency[route]
+	if !ok {
+		h = new(histogram)
+		m.latency[route] = h
+	}
+	m.mu.Unlock()
+	c.Add(1)
+	sec := d.Seconds()
+	i, _ := slices.BinarySearch(latencyBuckets, sec)
+	h.counts[i].Add(1)
+	h.sumNs.Add(d.Nanoseconds())
+}
+
+func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	var b strings.Builder
+
+	type counted struct {
+		routeCode
+		n *atomic.Int64
+	}
+	type timed struct {
+		route string
+		h     *histogram
+	}
+	m.mu.Lock()
+	counts := make([]counted, 0, len(m.requests))
+	for k, n := range m.requests {
+		counts = append(counts, counted{k, n})
+	}
+	hists := make([]timed, 0, len(m.latency))
+	for route, h := range m.latency {
+		hists = append(hists, timed{route, h})
+	}
+	m.mu.Unlock()
+	slices.SortFunc(counts, func(a, b counted) int {
+		if c := strings.Compare(a.route, b.route); c != 0 {
+			return c
+		}
+		return a.code - b.code
+	})
+	slices.SortFunc(hists, func(a, b timed) int { return strings.Compare(a.route, b.route) })
+
+	b.WriteString("# HELP threeds_http_requests_total HTTP requests by route pattern and status code.\n# TYPE threeds_http_requests_total counter\n")
+	for _, c := range counts {
+		fmt.Fprintf(&b, "threeds_http_requests_total{route=%q,code=\"%d\"} %d\n", c.route, c.code, c.n.Load())
+	}
+	b.WriteString("# HELP threeds_http_request_duration_seconds HTTP request latency by route pattern.\n# TYPE threeds_http_request_duration_seconds histogram\n")
+	for _, t := range hists {
+		route, h := t.route, t.h
+		var cum int64
+		for i, le := range latencyBuckets {
+			cum += h.counts[i].Load()
+			fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=%q,le=\"%g\"} %d\n", route, le, cum)
+		}
+		cum += h.counts[len(latencyBuckets)].Load()
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=%q,le=\"+Inf\"} %d\n", route, cum)
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_sum{route=%q} %g\n", route, float64(h.sumNs.Load())/1e9)
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_count{route=%q} %d\n", route, cum)
+	}
+
+	v := m.verifier
+	b.WriteString("# HELP threeds_token_rejections_total Refused bearer tokens by reason.\n# TYPE threeds_token_rejections_total counter\n")
+	for i := range numReasons {
+		fmt.Fprintf(&b, "threeds_token_rejections_total{reason=%q} %d\n", i.String(), v.rejections[i].Load())
+	}
+	b.WriteString("# HELP threeds_jwks_refreshes_total JWKS loads by result.\n# TYPE threeds_jwks_refreshes_total counter\n")
+	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"ok\"} %d\n", v.refreshOK.Load())
+	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"failed\"} %d\n", v.refreshFailed.Load())
+	b.WriteString("# HELP threeds_jwks_keys Usable verification keys loaded.\n# TYPE threeds_jwks_keys gauge\n")
+	fmt.Fprintf(&b, "threeds_jwks_keys %d\n", v.KeyCount())
+
+	st := m.store.pool.Stat()
+	for _, g := range []struct {
+		name, help string
+		val        int64
+	}{
+		{"threeds_db_pool_total_conns", "Connections in the pool.", int64(st.TotalConns())},
+		{"threeds_db_pool_idle_conns", "Idle connections in the pool.", int64(st.IdleConns())},
+		{"threeds_db_pool_acquired_conns", "Connections in use.", int64(st.AcquiredConns())},
+		{"threeds_db_pool_waiting", "Queries waiting for a connection.", max(0, m.store.inFlight.Load()-int64(st.AcquiredConns()))},
+		{"threeds_db_pool_max_conns", "Pool size limit.", int64(st.MaxConns())},
+	} {
+		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", g.name, g.help, g.name, g.name, g.val)
+	}
+	fmt.Fprintf(&b, "# HELP threeds_db_pool_acquire_total Connection acquisitions.\n# TYPE threeds_db_pool_acquire_total counter\nthreeds_db_pool_acquire_total %d\n", st.AcquireCount())
+	fmt.Fprintf(&b, "# HELP threeds_db_pool_empty_acquire_total Acquisitions that had to wait for a connection.\n# TYPE threeds_db_pool_empty_acquire_total counter\nthreeds_db_pool_empty_acquire_total %d\n", st.EmptyAcquireCount())
+
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	_, _ = w.Write([]byte(b.String()))
+}

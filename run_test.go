@@ -1,0 +1,277 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+)
+
+// syncBuffer is an io.Writer the service logs into while the test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// logLines decodes every JSON log line written so far.
+func (s *syncBuffer) logLines(t testing.TB) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(s.String()))
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("log line is not JSON: %q", sc.Text())
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func envFunc(env map[string]string) func(string) string {
+	return func(k string) string { return env[k] }
+}
+
+// runningService is run() started in-process, as main would start it.
+type runningService struct {
+	base   string
+	stdout *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// startRun starts run() with env and waits for its "listening" line.
+func startRun(t testing.TB, env map[string]string) *runningService {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	rs := &runningService{stdout: &syncBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	var stderr syncBuffer
+	go func() { rs.done <- run(ctx, nil, envFunc(env), rs.stdout, &stderr) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-rs.done:
+		case <-time.After(20 * time.Second):
+			t.Error("run did not return after cancel")
+		}
+	})
+	waitFor(t, 10*time.Second, "the listening log line", func() bool {
+		for _, l := range rs.stdout.logLines(t) {
+			if l["msg"] == "listening" {
+				rs.base = "http://" + l["addr"].(string)
+				return true
+			}
+		}
+		select {
+		case err := <-rs.done:
+			t.Fatalf("run returned early: %v; stderr %s", err, stderr.String())
+		default:
+		}
+		return false
+	})
+	return rs
+}
+
+// stop cancels run's context (what SIGTERM does in main) and returns its error.
+func (rs *runningService) stop(t testing.TB) error {
+	t.Helper()
+	rs.cancel()
+	select {
+	case err := <-rs.done:
+		rs.done <- err // let the cleanup see it too
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal("run did not return within 20s of cancel")
+		return nil
+	}
+}
+
+func (rs *runningService) get(t testing.TB, path, token string) (int, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, rs.base+path, nil)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	var buf bytes.Buffer
+	_, _ = buf.ReadFrom(resp.Body)
+	return resp.StatusCode, buf.Bytes()
+}
+
+// serviceEnv is a complete, valid environment for run().
+func serviceEnv(databaseURL, jwksURL string) map[string]string {
+	return map[string]string{
+		"DATABASE_URL":     databaseURL,
+		"JWKS_URL":         jwksURL,
+		"JWT_ISSUER":       testIssuer,
+		"JWT_AUDIENCE":     testAudience,
+		"LISTEN_ADDR":      "127.0.0.1:0",
+		"SHUTDOWN_TIMEOUT": "5s",
+	}
+}
+
+func TestConfigErrorsNameTheVariable(t *testing.T) {
+	valid := serviceEnv("postgres://u:secretpw@127.0.0.1:5432/db", "https://idp.test/jwks")
+	cases := []struct {
+		name     string
+		change   map[string]string
+		variable string
+	}{
+		{"a missing DATABASE_URL", map[string]string{"DATABASE_URL": ""}, "DATABASE_URL"},
+		{"a malformed DATABASE_URL", map[string]string{"DATABASE_URL": "postgres://u:secretpw@h:notaport/db"}, "DATABASE_URL"},
+		{"neither JWKS_URL nor JWKS_FILE", map[string]string{"JWKS_URL": ""}, "JWKS_URL"},
+		{"both JWKS_URL and JWKS_FILE", map[string]string{"JWKS_FILE": "/keys/jwks.json"}, "JWKS_URL"},
+		{"a JWKS_URL that is not http", map[string]string{"JWKS_URL": "file:///etc/passwd"}, "JWKS_URL"},
+		{"a missing JWT_ISSUER", map[string]string{"JWT_ISSUER": ""}, "JWT_ISSUER"},
+		{"a malformed JWT_LEEWAY", map[string]string{"JWT_LEEWAY": "soon"}, "JWT_LEEWAY"},
+		{"a negative JWT_LEEWAY", map[string]string{"JWT_LEEWAY": "-1s"}, "JWT_LEEWAY"},
+		{"a malformed LISTEN_ADDR", map[string]string{"LISTEN_ADDR": "8080"}, "LISTEN_ADDR"},
+		{"a malformed SHUTDOWN_TIMEOUT", map[string]string{"SHUTDOWN_TIMEOUT": "15"}, "SHUTDOWN_TIMEOUT"},
+		{"a malformed LOG_LEVEL", map[string]string{"LOG_LEVEL": "loud"}, "LOG_LEVEL"},
+		{"a malformed DB_QUERY_TIMEOUT", map[string]string{"DB_QUERY_TIMEOUT": "0s"}, "DB_QUERY_TIMEOUT"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name+" is a config error naming "+tc.variable, func(t *testing.T) {
+			env := map[string]string{}
+			for k, v := range valid {
+				env[k] = v
+			}
+			for k, v := range tc.change {
+				env[k] = v
+			}
+			err := run(context.Background(), nil, envFunc(env), &syncBuffer{}, &syncBuffer{})
+			var ce *configError
+			if !errors.As(err, &ce) {
+				t.Fatalf("run = %v, want a configError", err)
+			}
+			if !strings.HasPrefix(err.Error(), tc.variable+":") || strings.Contains(err.Error(), "\n") {
+				t.Errorf("error %q does not start by naming %s on one line", err, tc.variable)
+			}
+			if strings.Contains(err.Error(), "secretpw") {
+				t.Errorf("error %q reveals the database password", err)
+			}
+		})
+	}
+}
+
+// buildBinary compiles the service once per test run, with the same flags
+// as the Dockerfile.
+var buildBinary = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "threeds-bin-")
+	if err != nil {
+		return "", err
+	}
+	bin := filepath.Join(dir, "threeds-records")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", errors.New(string(out))
+	}
+	return bin, nil
+})
+
+func testBinary(t testing.TB) string {
+	t.Helper()
+	bin, err := buildBinary()
+	if err != nil {
+		t.Fatalf("build: %v", err)
+	}
+	return bin
+}
+
+func TestTheBinaryExits2WithOneLineOnABadVariable(t *testing.T) {
+	cmd := exec.Command(testBinary(t))
+	cmd.Env = []string{"DATABASE_URL=postgres://u@127.0.0.1/db", "JWKS_URL=https://idp.test/jwks", "JWT_ISSUER=x", "JWT_LEEWAY=forever"}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+		t.Fatalf("exit = %v, want code 2", err)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], "JWT_LEEWAY") {
+		t.Errorf("stderr = %q, want one line naming JWT_LEEWAY", stderr.String())
+	}
+}
+
+func TestMigrateNeedsOnlyTheDatabaseAndIsRepeatable(t *testing.T) {
+	dsn := newEmptyTestDB(t)
+	env := map[string]string{"DATABASE_URL": dsn}
+	for i := range 2 {
+		var out syncBuffer
+		if err := run(context.Background(), []string{"migrate"}, envFunc(env), &out, &syncBuffer{}); err != nil {
+			t.Fatalf("migrate #%d: %v", i+1, err)
+		}
+	}
+	store := NewStore(newTestPool(t, dsn, nil), 3*time.Second)
+	if _, total, err := store.ListRecords(context.Background(), 1, 1, 20); err != nil || total != 0 {
+		t.Fatalf("after migrate: total %d, err %v", total, err)
+	}
+}
+
+func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
+	dsn := newTestDB(t)
+	insertRows(t, newTestPool(t, dsn, nil), seedRow{id: 7, userID: 1001, passcode: "654321", amount: "12.5", currency: "EUR", expiresAfter: 300, receivedAt: "2026-01-20T10:30:00Z"})
+	key := newTestKey(t, jwa.ES256, "run", 0)
+	idp := newJWKSServer(t, key.publicJWK(t, false))
+	rs := startRun(t, serviceEnv(dsn, idp.URL))
+
+	waitFor(t, 10*time.Second, "readiness", func() bool { code, _ := rs.get(t, "/readyz", ""); return code == 200 })
+	token := key.token(t, validClaims("1001"))
+	code, body := rs.get(t, "/3ds/my-records", token)
+	if code != 200 || !bytes.Contains(body, []byte(`"passcode":"654321"`)) || !bytes.Contains(body, []byte(`"amount":"12.50"`)) {
+		t.Fatalf("GET: %d %s", code, body)
+	}
+	if err := rs.stop(t); err != nil {
+		t.Fatalf("run returned %v after cancel, want nil", err)
+	}
+
+	logs := rs.stdout.String()
+	for _, secret := range []string{token, token[strings.LastIndexByte(token, '.')+1:], "654321"} {
+		if strings.Contains(logs, secret) {
+			t.Errorf("the log contains a secret (%.12s...)", secret)
+		}
+	}
+	var sawRequest bool
+	for _, l := range rs.stdout.logLines(t) {
+		if l["msg"] == "request" && l["route"] == "GET /3ds/my-records" {
+			sawRequest = true
+			for _, k := range []string{"method", "path", "status", "bytes", "duration_ms", "request_id", "user_id"} {
+				if _, ok := l[k]; !ok {
+					t.Errorf("access log line lacks %s: %v", k, l)
+				}
+			}
+		}
+	}
+	if !sawRequest {
+		t.Errorf("no access log line for the API request in:\n%s", logs)
+	}
+}
