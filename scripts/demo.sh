@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # cleanup and on_signal run from traps
 # `make run`: a local PostgreSQL with demo data, a dev signing key, a token for user
 # 1001, and the service in the foreground. Ctrl-C stops the service and the cluster.
 # State lives in .demo/ (cluster, keys, token) and is reused by the next run.

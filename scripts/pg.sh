@@ -48,7 +48,7 @@ find_bindir() {
 	fi
 	# A client-only install (postgresql-client) also creates /usr/lib/postgresql/N/bin,
 	# so a directory only counts when it holds the server binaries.
-	for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5,5nr); do
+	for d in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -t/ -k5,5nr); do
 		if valid_bindir "$d"; then
 			echo "$d"
 			return 0
@@ -73,8 +73,6 @@ find_bindir() {
 
 install_postgres() {
 	local log lock=/tmp/pg.sh-apt-install.lock
-	say "PostgreSQL server binaries not found; installing the 'postgresql' package with apt-get"
-	log=$(mktemp "${TMPDIR:-/tmp}/pg.sh-apt.XXXXXX")
 	# Clusters starting in parallel on a fresh CI machine would otherwise race for the dpkg lock.
 	exec 9>"$lock"
 	if command -v flock >/dev/null 2>&1; then
@@ -82,9 +80,10 @@ install_postgres() {
 	fi
 	if find_bindir >/dev/null; then
 		exec 9>&-
-		rm -f "$log"
 		return 0
 	fi
+	say "PostgreSQL server binaries not found; installing the 'postgresql' package with apt-get"
+	log=$(mktemp "${TMPDIR:-/tmp}/pg.sh-apt.XXXXXX")
 	if ! {
 		apt-get update -qq &&
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
@@ -164,8 +163,8 @@ port_in_use() {
 }
 
 pick_port() {
-	local i p
-	for i in $(seq 1 200); do
+	local p
+	for _ in $(seq 1 200); do
 		# Below the Linux ephemeral range (32768+), so outgoing connections do not
 		# squat on it.
 		p=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
@@ -230,8 +229,8 @@ write_url() {
 }
 
 wait_ready() {
-	local port=$1 i
-	for i in $(seq 1 100); do
+	local port=$1
+	for _ in $(seq 1 100); do
 		if "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" -U postgres -d postgres -t 2 2>/dev/null; then
 			return 0
 		fi

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317 # cleanup, tree and on_signal run from traps
 # with-postgres.sh CMD ARGS...: run CMD with DATABASE_URL pointing at a PostgreSQL.
 #
 # When DATABASE_URL is already set, CMD simply runs against it. Otherwise a throwaway
@@ -31,21 +32,33 @@ cleanup() {
 	rm -rf "$tmp"
 }
 
+# tree PID: PID and all its descendants. `go test` runs the test binary as a child
+# of its own, and that one would outlive a signal sent to `go` alone.
+tree() {
+	local c
+	for c in $(pgrep -P "$1" 2>/dev/null || ps -o pid= --ppid "$1" 2>/dev/null); do
+		tree "$c"
+	done
+	echo "$1"
+}
+
 on_signal() {
-	local sig=$1 code=$2 i
+	local sig=$1 code=$2
 	trap '' INT TERM
 	if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
 		# Without job control the child ignores SIGINT (bash does that to background
 		# jobs), so it is always asked to stop with SIGTERM, then killed if it lingers.
-		kill -TERM "$child" 2>/dev/null
-		for i in $(seq 1 100); do
+		# shellcheck disable=SC2046
+		kill -TERM $(tree "$child") 2>/dev/null
+		for _ in $(seq 1 100); do
 			kill -0 "$child" 2>/dev/null || break
 			sleep 0.1
 		done
-		kill -KILL "$child" 2>/dev/null
+		# shellcheck disable=SC2046
+		kill -KILL $(tree "$child") 2>/dev/null
 		wait "$child" 2>/dev/null
 	fi
-	echo "with-postgres: got SIG$sig, cluster stopped" >&2
+	echo "with-postgres: got SIG$sig, stopping the cluster" >&2
 	exit "$code"
 }
 
