@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -39,6 +40,7 @@ func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)
+	s.mux.HandleFunc("GET /openapi.json", handleOpenAPI)
 	return s
 }
 
@@ -299,8 +301,10 @@ func intParam(q url.Values, name string, def, lo, hi int) (int, error) {
 	if len(vals) == 0 || vals[0] == "" {
 		return def, nil
 	}
-	s := vals[0]
 	bad := errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
+	// Leading zeros do not change the value; the length guard that keeps n
+	// from overflowing applies to the significant digits only.
+	s := strings.TrimLeft(vals[0], "0")
 	if len(s) > 10 {
 		return 0, bad
 	}

@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# A throwaway PgBouncer in transaction-pooling mode, for tests and local trials.
+#
+#   scripts/pgbouncer.sh start DIR UPSTREAM_URL   writes DIR/pgbouncer.ini, starts pgbouncer on a free
+#                                                 127.0.0.1 port and prints the URL to use instead of
+#                                                 UPSTREAM_URL (also in DIR/url)
+#   scripts/pgbouncer.sh stop  DIR                stops it; fine if already stopped or never started
+#
+# UPSTREAM_URL is a postgres:// URL such as scripts/pg.sh prints. Every database on the
+# upstream server is reachable through the pooler under its own name.
+#
+# Tuning, from the environment at start:
+#   PGBOUNCER_POOL_SIZE                 server connections per database/user pair (default 4)
+#   PGBOUNCER_IGNORE_STARTUP_PARAMETERS startup parameters pgbouncer accepts and drops
+#                                       (default statement_timeout: the service sends it, and
+#                                       pgbouncer refuses the connection otherwise; see README)
+#   PGBOUNCER_BIN                       the pgbouncer binary (default: PATH, then /usr/sbin)
+# As root with apt-get, the Debian package `pgbouncer` is installed when missing, and
+# pgbouncer runs as the postgres user (it refuses to run as root).
+set -euo pipefail
+
+prog=pgbouncer.sh
+say() { printf '%s: %s\n' "$prog" "$*" >&2; }
+die() {
+	say "$*"
+	exit 1
+}
+
+usage() {
+	cat >&2 <<'EOF'
+usage: scripts/pgbouncer.sh start DIR UPSTREAM_URL
+       scripts/pgbouncer.sh stop  DIR
+EOF
+	exit 2
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+as_runner() {
+	if is_root; then
+		(cd / && runuser -u postgres -- "$@")
+	else
+		"$@"
+	fi
+}
+
+find_bin() {
+	local b
+	if [ -n "${PGBOUNCER_BIN:-}" ]; then
+		[ -x "$PGBOUNCER_BIN" ] || die "PGBOUNCER_BIN=$PGBOUNCER_BIN is not executable"
+		echo "$PGBOUNCER_BIN"
+		return 0
+	fi
+	# /usr/sbin is not on an ordinary user's PATH on Debian.
+	for b in "$(command -v pgbouncer 2>/dev/null || true)" /usr/sbin/pgbouncer /usr/local/sbin/pgbouncer /usr/local/bin/pgbouncer; do
+		if [ -n "$b" ] && [ -x "$b" ]; then
+			echo "$b"
+			return 0
+		fi
+	done
+	return 1
+}
+
+install_pgbouncer() {
+	local log lock=/tmp/pgbouncer.sh-apt-install.lock
+	say "pgbouncer not found; installing the Debian package 'pgbouncer' with apt-get"
+	log=$(mktemp "${TMPDIR:-/tmp}/pgbouncer.sh-apt.XXXXXX")
+	exec 9>"$lock"
+	if command -v flock >/dev/null 2>&1; then
+		flock -w 600 9 || die "timed out waiting for another pgbouncer.sh to finish installing"
+	fi
+	if find_bin >/dev/null; then
+		exec 9>&-
+		rm -f "$log"
+		return 0
+	fi
+	if ! {
+		apt-get update -qq &&
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer
+	} >"$log" 2>&1 </dev/null; then
+		tail -n 30 "$log" >&2 || true
+		exec 9>&-
+		die "apt-get install pgbouncer failed (full log: $log)"
+	fi
+	# The package may start a system-wide pgbouncer on 6432; it is not ours to keep running.
+	if command -v service >/dev/null 2>&1; then
+		service pgbouncer stop >/dev/null 2>&1 || true
+	fi
+	if command -v systemctl >/dev/null 2>&1; then
+		systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+	fi
+	exec 9>&-
+	rm -f "$log"
+	say "installed $(find_bin)"
+}
+
+need_bin() {
+	if bin=$(find_bin); then
+		return 0
+	fi
+	if is_root && command -v apt-get >/dev/null 2>&1; then
+		install_pgbouncer
+		bin=$(find_bin) || die "pgbouncer was installed but its binary was not found"
+		return 0
+	fi
+	cat >&2 <<'EOF'
+pgbouncer.sh: pgbouncer was not found. Install it, for example:
+  Debian/Ubuntu:  sudo apt-get install pgbouncer
+  Fedora/RHEL:    sudo dnf install pgbouncer
+  macOS:          brew install pgbouncer
+or point PGBOUNCER_BIN at the binary.
+EOF
+	exit 1
+}
+
+# As root the postgres user must be able to reach DIR: mktemp directories are 0700.
+make_reachable() {
+	local p=$dir
+	chown postgres "$dir"
+	while [ "$p" != / ]; do
+		p=$(dirname "$p")
+		if ! runuser -u postgres -- test -x "$p" 2>/dev/null; then
+			say "granting o+x on $p so the postgres user can reach $dir"
+			chmod o+x "$p"
+		fi
+	done
+}
+
+port_in_use() {
+	timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+}
+
+pick_port() {
+	local i p
+	for i in $(seq 1 200); do
+		# Below the Linux ephemeral range, like scripts/pg.sh.
+		p=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
+		if ! port_in_use "$p"; then
+			echo "$p"
+			return 0
+		fi
+	done
+	die "no free TCP port found on 127.0.0.1"
+}
+
+running_pid() {
+	local pid
+	[ -f "$dir/pgbouncer.pid" ] || return 1
+	pid=$(cat "$dir/pgbouncer.pid" 2>/dev/null) || return 1
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+# parse_upstream URL: sets up_user, up_pass, up_host, up_port, up_db, up_query.
+parse_upstream() {
+	local url=$1 rest auth hostport
+	case $url in
+	postgres://* | postgresql://*) rest=${url#*://} ;;
+	*) die "UPSTREAM_URL must be a postgres:// URL" ;;
+	esac
+	up_query=
+	case $rest in *\?*)
+		up_query=${rest#*\?}
+		rest=${rest%%\?*}
+		;;
+	esac
+	case $rest in *@*)
+		auth=${rest%%@*}
+		rest=${rest#*@}
+		;;
+	*) auth= ;;
+	esac
+	up_user=${auth%%:*}
+	up_pass=
+	case $auth in *:*) up_pass=${auth#*:} ;; esac
+	hostport=${rest%%/*}
+	up_db=postgres
+	case $rest in */?*) up_db=${rest#*/} ;; esac
+	up_host=${hostport%:*}
+	up_port=5432
+	case $hostport in *:*) up_port=${hostport##*:} ;; esac
+	[ -n "$up_user" ] || up_user=$(id -un)
+	[ -n "$up_host" ] || die "UPSTREAM_URL has no host"
+	case "$up_user$up_pass$up_host$up_port" in *[\"\'\ %]*) die "UPSTREAM_URL: quotes, spaces and %-escapes are not supported here" ;; esac
+}
+
+write_config() {
+	local port=$1
+	# auth_type trust: the pooler listens on 127.0.0.1 only and fronts a throwaway
+	# cluster. The auth file still lists the user, and its password (if any) is what
+	# pgbouncer logs in to the upstream with.
+	(umask 077 && printf '"%s" "%s"\n' "$up_user" "$up_pass" >"$dir/userlist.txt")
+	cat >"$dir/pgbouncer.ini" <<EOF
+; written by scripts/pgbouncer.sh: a throwaway pooler, not a production config
+[databases]
+* = host=$up_host port=$up_port
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/userlist.txt
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+pool_mode = transaction
+default_pool_size = ${PGBOUNCER_POOL_SIZE:-4}
+max_client_conn = 200
+ignore_startup_parameters = ${PGBOUNCER_IGNORE_STARTUP_PARAMETERS-statement_timeout}
+server_reset_query =
+admin_users = $up_user
+EOF
+	if is_root; then
+		chown postgres "$dir/userlist.txt" "$dir/pgbouncer.ini"
+	fi
+}
+
+start() {
+	local url=$1 port i before
+	mkdir -p "$dir"
+	dir=$(cd "$dir" && pwd -P)
+	case $dir in *" "* | *\"* | *\'*) die "DIR must not contain spaces or quotes: $dir" ;; esac
+	need_bin
+	parse_upstream "$url"
+	if is_root; then
+		id postgres >/dev/null 2>&1 || die "running as root needs a 'postgres' user (pgbouncer refuses root)"
+		make_reachable
+	fi
+	if running_pid >/dev/null; then
+		cat "$dir/url"
+		return 0
+	fi
+	for _ in $(seq 1 10); do
+		port=$(pick_port)
+		write_config "$port"
+		before=0
+		[ -f "$dir/pgbouncer.log" ] && before=$(wc -l <"$dir/pgbouncer.log")
+		as_runner "$bin" -d -q "$dir/pgbouncer.ini" || true
+		for i in $(seq 1 100); do
+			if running_pid >/dev/null && port_in_use "$port"; then
+				local out="postgres://$up_user@127.0.0.1:$port/$up_db"
+				[ -n "$up_query" ] && out="$out?$up_query"
+				echo "$out" >"$dir/url"
+				echo "$out"
+				return 0
+			fi
+			if [ "$i" -gt 5 ] && ! running_pid >/dev/null; then
+				break
+			fi
+			sleep 0.1
+		done
+		if tail -n +"$((before + 1))" "$dir/pgbouncer.log" 2>/dev/null | grep -q 'Address already in use'; then
+			continue
+		fi
+		tail -n 20 "$dir/pgbouncer.log" >&2 2>/dev/null || true
+		die "pgbouncer did not start in $dir (log: $dir/pgbouncer.log)"
+	done
+	die "could not find a free port for pgbouncer"
+}
+
+stop() {
+	local pid i
+	[ -d "$dir" ] || return 0
+	dir=$(cd "$dir" && pwd -P)
+	pid=$(running_pid) || return 0
+	# SIGTERM is pgbouncer's immediate shutdown: a throwaway pooler has nothing to drain.
+	kill -TERM "$pid" 2>/dev/null || true
+	for i in $(seq 1 100); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	say "pgbouncer ($pid) ignored SIGTERM for 10s; killing it"
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+[ $# -ge 2 ] || usage
+cmd=$1
+dir=$2
+[ -n "$dir" ] || usage
+bin=
+
+case $cmd in
+start)
+	[ $# -eq 3 ] || usage
+	start "$3"
+	;;
+stop)
+	[ $# -eq 2 ] || usage
+	stop
+	;;
+*)
+	usage
+	;;
+esac
