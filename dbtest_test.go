@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -125,4 +129,78 @@ func newTestPool(t testing.TB, connString string, configure func(*pgxpool.Config
 	}
 	t.Cleanup(pool.Close)
 	return pool
+}
+
+// testCluster is a PostgreSQL cluster of one test's own (scripts/pg.sh), for
+// tests that stop and start the database under a running service. Its port
+// never changes, so a DATABASE_URL handed out before a stop stays valid.
+type testCluster struct {
+	t   testing.TB
+	dir string
+	url string // the cluster's postgres database, trust auth
+}
+
+// startCluster starts a fresh cluster and stops and removes it on cleanup.
+// It costs an initdb (a second or two), so only tests that stop the
+// database use it; the rest share DATABASE_URL through newTestDB.
+func startCluster(t testing.TB) *testCluster {
+	t.Helper()
+	// Not t.TempDir: the Unix socket lives in the directory, and socket paths
+	// are limited to about 100 bytes.
+	dir, err := os.MkdirTemp("", "threeds-pg-")
+	if err != nil {
+		t.Fatalf("cluster directory: %v", err)
+	}
+	c := &testCluster{t: t, dir: dir}
+	t.Cleanup(func() {
+		if _, err := c.pg("stop"); err != nil {
+			t.Errorf("stop test cluster: %v", err)
+		}
+		_ = os.RemoveAll(dir)
+	})
+	out, err := c.pg("start")
+	if err != nil {
+		t.Fatalf("start test cluster: %v", err)
+	}
+	c.url = strings.TrimSpace(out)
+	return c
+}
+
+// stop shuts the cluster down (fast mode: sessions are terminated).
+func (c *testCluster) stop() {
+	c.t.Helper()
+	if _, err := c.pg("stop"); err != nil {
+		c.t.Fatalf("stop test cluster: %v", err)
+	}
+}
+
+// start brings a stopped cluster back. It is pg.sh restart, not start:
+// start would move to a random port if the old one were taken, restart
+// insists on the same one (and fails loudly otherwise).
+func (c *testCluster) start() {
+	c.t.Helper()
+	if _, err := c.pg("restart"); err != nil {
+		c.t.Fatalf("start test cluster again: %v", err)
+	}
+}
+
+// restart is stop and start in one step, on the same port.
+func (c *testCluster) restart() { c.start() }
+
+// pg runs scripts/pg.sh CMD on the cluster's directory, bounded in time.
+func (c *testCluster) pg(cmd string) (string, error) {
+	script := os.Getenv("PG_SCRIPT") // exported by scripts/with-postgres.sh
+	if script == "" {
+		script = filepath.Join("scripts", "pg.sh") // go test runs in the package directory
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	run := exec.CommandContext(ctx, "bash", script, cmd, c.dir)
+	run.Stdout, run.Stderr = &stdout, &stderr
+	run.WaitDelay = 10 * time.Second
+	if err := run.Run(); err != nil {
+		return "", fmt.Errorf("pg.sh %s %s: %w: %s", cmd, c.dir, err, strings.TrimSpace(stderr.String()))
+	}
+	return stdout.String(), nil
 }

@@ -24,6 +24,12 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go func() {
+		// Once shutdown has begun, a second signal gets the default action:
+		// an operator's second Ctrl-C ends a drain that is taking too long.
+		<-ctx.Done()
+		stop()
+	}()
 	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "threeds-records:", err)
 		var ce *configError
@@ -79,6 +85,12 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if _, set := rp["application_name"]; !set {
 		rp["application_name"] = "threeds-records"
 	}
+	if c.poolConfig.ConnConfig.ConnectTimeout == 0 {
+		// Without connect_timeout pgxpool lets a connection attempt run for two
+		// minutes in the background; against a black-holed host that holds
+		// every pool slot and delays recovery long after the database is back.
+		c.poolConfig.ConnConfig.ConnectTimeout = defaultConnectTimeout
+	}
 	if c.logLevel, err = logLevelVar(getenv); err != nil {
 		return nil, err
 	}
@@ -129,8 +141,17 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.shutdownDelay, err = durationVar(getenv, "SHUTDOWN_DELAY", 0); err != nil {
 		return nil, err
 	}
+	if c.shutdownDelay >= c.shutdownTimeout {
+		// The delay is spent inside SHUTDOWN_TIMEOUT, so that one number bounds
+		// SIGTERM-to-exit (terminationGracePeriodSeconds is sized from it);
+		// a delay that uses it all up would leave no time to drain.
+		return nil, &configError{"SHUTDOWN_DELAY", "must be shorter than SHUTDOWN_TIMEOUT"}
+	}
 	return c, nil
 }
+
+// defaultConnectTimeout applies when DATABASE_URL has no connect_timeout.
+const defaultConnectTimeout = 5 * time.Second
 
 func durationVar(getenv func(string) string, name string, def time.Duration) (time.Duration, error) {
 	s := getenv(name)
@@ -162,6 +183,22 @@ func logLevelVar(getenv func(string) string) (slog.Level, error) {
 func redactedURL(pc *pgxpool.Config) string {
 	cc := pc.ConnConfig
 	return fmt.Sprintf("postgres://%s:xxxxx@%s/%s", cc.User, net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port))), cc.Database)
+}
+
+// redactedJWKSURL hides credentials an operator may have put in JWKS_URL
+// (user:password@ or a query-string key), keeping the host for debugging.
+func redactedJWKSURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable)"
+	}
+	if u.User != nil {
+		u.User = url.UserPassword("xxxxx", "xxxxx")
+	}
+	if u.RawQuery != "" {
+		u.RawQuery = "xxxxx"
+	}
+	return u.String()
 }
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -230,7 +267,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		MaxHeaderBytes:    16 << 10,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 	}
-	keys := "JWKS_URL=" + cfg.auth.jwksURL
+	keys := "JWKS_URL=" + redactedJWKSURL(cfg.auth.jwksURL)
 	if cfg.auth.jwksFile != "" {
 		keys = "JWKS_FILE=" + cfg.auth.jwksFile
 	}
@@ -243,7 +280,10 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"user_claim", cfg.auth.userClaim,
 		"leeway", cfg.auth.leeway.String(),
 		"db_query_timeout", cfg.queryTimeout.String(),
+		"db_pool_max_conns", cfg.poolConfig.MaxConns,
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
+		"shutdown_delay", cfg.shutdownDelay.String(),
+		"log_level", cfg.logLevel.String(),
 	)
 
 	serveErr := make(chan error, 1)
@@ -255,23 +295,35 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	case <-ctx.Done():
 	}
 
-	// Readiness turns 503 first so the load balancer stops sending; then
-	// in-flight requests drain. Serve returns at once on Shutdown, so wait
-	// for Shutdown itself before closing the pool under running queries.
+	return shutdown(cfg, httpServer, srv, store, verifier, logger)
+}
+
+// shutdown runs the SIGTERM sequence. Readiness turns 503 first so the load
+// balancer stops sending; then in-flight requests drain. Serve returns at
+// once on Shutdown, so it is Shutdown's return that says the handlers are
+// done, and only then may the pool close under them.
+func shutdown(cfg *config, httpServer *http.Server, srv *server, store *Store, verifier *Verifier, logger *slog.Logger) error {
+	// One deadline for the whole sequence, delay included: SHUTDOWN_TIMEOUT
+	// is the longest SIGTERM-to-exit takes, which is what the grace period
+	// of the orchestrator has to cover.
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
+	defer cancel()
 	srv.draining.Store(true)
 	logger.Info("shutting down", "delay", cfg.shutdownDelay.String(), "timeout", cfg.shutdownTimeout.String())
 	if cfg.shutdownDelay > 0 {
 		// Without a preStop hook, this is the window in which endpoints
-		// controllers notice the 503 readiness and stop routing here.
+		// controllers notice the 503 readiness and stop routing here; the
+		// listener stays open and keeps serving meanwhile.
 		time.Sleep(cfg.shutdownDelay)
 	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
-	defer cancel()
-	err = httpServer.Shutdown(shutdownCtx)
-	if err != nil {
+	if err := httpServer.Shutdown(ctx); err != nil {
 		logger.Warn("shutdown timed out; closing remaining connections", "error", err.Error())
 		_ = httpServer.Close()
 	}
-	logger.Info("stopped")
+	verifier.Close()
+	// After a timed-out Shutdown a handler may still hold a connection; Close
+	// waits for it, and DB_QUERY_TIMEOUT bounds that wait.
+	store.pool.Close()
+	logger.Info("stopped", "pool", "closed")
 	return nil
 }

@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"net/http"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -28,10 +30,11 @@ type routeCode struct {
 
 // Buckets in seconds: a page is a millisecond or two, a slow database is
 // hundreds, a timeout is DB_QUERY_TIMEOUT.
-var latencyBuckets = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
+// An array, so the histogram's counts are sized from it at compile time.
+var latencyBuckets = [...]float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
 
 type histogram struct {
-	counts [14]atomic.Int64 // one per bucket, plus +Inf
+	counts [len(latencyBuckets) + 1]atomic.Int64 // per bucket (not cumulative), then +Inf
 	sumNs  atomic.Int64
 }
 
@@ -58,8 +61,8 @@ func (m *metrics) observe(route string, code int, d time.Duration) {
 	}
 	m.mu.Unlock()
 	c.Add(1)
-	sec := d.Seconds()
-	i, _ := slices.BinarySearch(latencyBuckets, sec)
+	// The first bound >= the value: buckets are "less than or equal".
+	i, _ := slices.BinarySearch(latencyBuckets[:], d.Seconds())
 	h.counts[i].Add(1)
 	h.sumNs.Add(d.Nanoseconds())
 }
@@ -95,26 +98,28 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	b.WriteString("# HELP threeds_http_requests_total HTTP requests by route pattern and status code.\n# TYPE threeds_http_requests_total counter\n")
 	for _, c := range counts {
-		fmt.Fprintf(&b, "threeds_http_requests_total{route=%q,code=\"%d\"} %d\n", c.route, c.code, c.n.Load())
+		fmt.Fprintf(&b, "threeds_http_requests_total{route=\"%s\",code=\"%d\"} %d\n", labelValue(c.route), c.code, c.n.Load())
 	}
 	b.WriteString("# HELP threeds_http_request_duration_seconds HTTP request latency by route pattern.\n# TYPE threeds_http_request_duration_seconds histogram\n")
 	for _, t := range hists {
-		route, h := t.route, t.h
+		route, h := labelValue(t.route), t.h
+		// Buckets are stored apart and summed here, so +Inf and _count are
+		// the same number even while requests land mid-scrape.
 		var cum int64
 		for i, le := range latencyBuckets {
 			cum += h.counts[i].Load()
-			fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=%q,le=\"%g\"} %d\n", route, le, cum)
+			fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=\"%s\",le=\"%s\"} %d\n", route, formatFloat(le), cum)
 		}
 		cum += h.counts[len(latencyBuckets)].Load()
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=%q,le=\"+Inf\"} %d\n", route, cum)
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_sum{route=%q} %g\n", route, float64(h.sumNs.Load())/1e9)
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_count{route=%q} %d\n", route, cum)
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} %d\n", route, cum)
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_sum{route=\"%s\"} %s\n", route, formatFloat(float64(h.sumNs.Load())/1e9))
+		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_count{route=\"%s\"} %d\n", route, cum)
 	}
 
 	v := m.verifier
 	b.WriteString("# HELP threeds_token_rejections_total Refused bearer tokens by reason.\n# TYPE threeds_token_rejections_total counter\n")
 	for i := range numReasons {
-		fmt.Fprintf(&b, "threeds_token_rejections_total{reason=%q} %d\n", i.String(), v.rejections[i].Load())
+		fmt.Fprintf(&b, "threeds_token_rejections_total{reason=\"%s\"} %d\n", labelValue(i.String()), v.rejections[i].Load())
 	}
 	b.WriteString("# HELP threeds_jwks_refreshes_total JWKS loads by result.\n# TYPE threeds_jwks_refreshes_total counter\n")
 	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"ok\"} %d\n", v.refreshOK.Load())
@@ -130,15 +135,36 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		{"threeds_db_pool_total_conns", "Connections in the pool.", int64(st.TotalConns())},
 		{"threeds_db_pool_idle_conns", "Idle connections in the pool.", int64(st.IdleConns())},
 		{"threeds_db_pool_acquired_conns", "Connections in use.", int64(st.AcquiredConns())},
-		{"threeds_db_pool_waiting", "Queries waiting for a connection.", max(0, m.store.inFlight.Load()-int64(st.AcquiredConns()))},
+		{"threeds_db_pool_constructing_conns", "Connections being opened.", int64(st.ConstructingConns())},
+		// pgxpool does not count waiters; page queries under way less the
+		// connections in use is a close estimate (readiness pings make it low).
+		{"threeds_db_pool_waiting", "Page queries waiting for a connection (estimate).", max(0, m.store.inFlight.Load()-int64(st.AcquiredConns()))},
 		{"threeds_db_pool_max_conns", "Pool size limit.", int64(st.MaxConns())},
+		{"go_goroutines", "Goroutines that currently exist.", int64(runtime.NumGoroutine())},
 	} {
 		fmt.Fprintf(&b, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", g.name, g.help, g.name, g.name, g.val)
 	}
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_acquire_total Connection acquisitions.\n# TYPE threeds_db_pool_acquire_total counter\nthreeds_db_pool_acquire_total %d\n", st.AcquireCount())
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_empty_acquire_total Acquisitions that had to wait for a connection.\n# TYPE threeds_db_pool_empty_acquire_total counter\nthreeds_db_pool_empty_acquire_total %d\n", st.EmptyAcquireCount())
+	fmt.Fprintf(&b, "# HELP threeds_db_pool_canceled_acquire_total Acquisitions given up at their deadline (pool exhausted or database unreachable).\n# TYPE threeds_db_pool_canceled_acquire_total counter\nthreeds_db_pool_canceled_acquire_total %d\n", st.CanceledAcquireCount())
 
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	_, _ = w.Write([]byte(b.String()))
 }
+
+// labelValue escapes a label value as the text format requires: backslash,
+// double quote and newline only. Go's %q would also escape non-ASCII bytes
+// and control characters in ways a Prometheus parser reads literally.
+func labelValue(s string) string {
+	if !strings.ContainsAny(s, "\\\"\n") {
+		return s
+	}
+	return labelEscaper.Replace(s)
+}
+
+var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
+
+// formatFloat is the shortest exact decimal form, which Prometheus parses
+// back to the same float64.
+func formatFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
