@@ -638,6 +638,7 @@ func (v *Verifier) refuse(w http.ResponseWriter, r *http.Request, err error) {
 		return
 	}
 	v.rejections[ae.reason].Add(1)
+	requestInfoFrom(r.Context()).authReject = ae.reason.String()
 	if ae.reason == reasonMissing {
 		w.Header().Set("WWW-Authenticate", bearerRealm)
 		writeError(w, r, http.StatusUnauthorized, "missing_token", ae.detail)

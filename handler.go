@@ -52,6 +52,9 @@ type requestInfo struct {
 	userID    int64
 	authDur   time.Duration
 	dbDur     time.Duration
+	// authReject is why a token was refused, so a support engineer can
+	// explain a 401 from the access log alone.
+	authReject string
 }
 
 type infoKey struct{}
@@ -94,6 +97,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if info.userID != 0 {
 		attrs = append(attrs, slog.Int64("user_id", info.userID))
+	}
+	if info.authReject != "" {
+		attrs = append(attrs, slog.String("auth_reject", info.authReject))
 	}
 	s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
 }
@@ -332,6 +338,10 @@ func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
 		why = "the service is shutting down"
 	case !s.verifier.Ready():
 		why = "verification keys are not loaded yet"
+	case s.store.saturated():
+		// Every connection is busy running queries, so the database is
+		// answering; a ping would only queue behind them, time out and take
+		// a merely busy pod out of rotation, pushing its load onto the rest.
 	default:
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()

@@ -402,3 +402,31 @@ func TestParsePaging(t *testing.T) {
 		}
 	}
 }
+
+func TestReadinessStaysUpWhileEveryConnectionIsBusy(t *testing.T) {
+	dsn := newTestDB(t)
+	pool := newTestPool(t, dsn, func(c *pgxpool.Config) { c.MaxConns = 1 })
+	key := newTestKey(t, jwa.ES256, "svc", 0)
+	v := newTestVerifier(t, testAuthConfig(newJWKSServer(t, key.publicJWK(t, false)).URL))
+	ts := httptest.NewServer(newServer(NewStore(pool, 10*time.Second), v, discardLogger()))
+	t.Cleanup(ts.Close)
+	svc := &testService{Server: ts, key: key, pool: pool}
+
+	release := lockRecords(t, dsn)
+	done := make(chan int, 1)
+	go func() {
+		resp, _ := svc.do(t, http.MethodGet, "/3ds/my-records", svc.tokenFor(t, 1001))
+		done <- resp.StatusCode
+	}()
+	waitFor(t, 5*time.Second, "the only connection to be busy", func() bool { return pool.Stat().AcquiredConns() == 1 })
+
+	start := time.Now()
+	resp, body := svc.do(t, http.MethodGet, "/readyz", "")
+	if resp.StatusCode != http.StatusOK || time.Since(start) > time.Second {
+		t.Errorf("readyz with a busy pool: %d after %s: %s", resp.StatusCode, time.Since(start), body)
+	}
+	release()
+	if code := <-done; code != http.StatusOK {
+		t.Errorf("the blocked request ended with %d", code)
+	}
+}

@@ -181,6 +181,17 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 	}
 }
 
+// binDir holds the binary buildBinary compiles; TestMain removes it.
+var binDir string
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		_ = os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
 // buildBinary compiles the service once per test run, with the same flags
 // as the Dockerfile.
 var buildBinary = sync.OnceValues(func() (string, error) {
@@ -188,6 +199,7 @@ var buildBinary = sync.OnceValues(func() (string, error) {
 	if err != nil {
 		return "", err
 	}
+	binDir = dir
 	bin := filepath.Join(dir, "threeds-records")
 	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -250,6 +262,11 @@ func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
 	if code != 200 || !bytes.Contains(body, []byte(`"passcode":"654321"`)) || !bytes.Contains(body, []byte(`"amount":"12.50"`)) {
 		t.Fatalf("GET: %d %s", code, body)
 	}
+	expired := validClaims("1001")
+	expired["exp"] = time.Now().Add(-time.Hour).Unix()
+	if code, _ := rs.get(t, "/3ds/my-records", key.token(t, expired)); code != http.StatusUnauthorized {
+		t.Fatalf("expired token: %d", code)
+	}
 	if err := rs.stop(t); err != nil {
 		t.Fatalf("run returned %v after cancel, want nil", err)
 	}
@@ -262,7 +279,7 @@ func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
 	}
 	var sawRequest bool
 	for _, l := range rs.stdout.logLines(t) {
-		if l["msg"] == "request" && l["route"] == "GET /3ds/my-records" {
+		if l["msg"] == "request" && l["route"] == "GET /3ds/my-records" && l["status"] == float64(200) {
 			sawRequest = true
 			for _, k := range []string{"method", "path", "status", "bytes", "duration_ms", "request_id", "user_id"} {
 				if _, ok := l[k]; !ok {
@@ -270,6 +287,15 @@ func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
 				}
 			}
 		}
+	}
+	var sawReject bool
+	for _, l := range rs.stdout.logLines(t) {
+		if l["msg"] == "request" && l["status"] == float64(401) {
+			sawReject = l["auth_reject"] == "expired"
+		}
+	}
+	if !sawReject {
+		t.Errorf("the 401 access line does not say auth_reject=expired:\n%s", logs)
 	}
 	if !sawRequest {
 		t.Errorf("no access log line for the API request in:\n%s", logs)

@@ -142,6 +142,12 @@ func pageOffset(page, pageSize int) (offset int64, ok bool) {
 	return skipped * size, true
 }
 
+// saturated reports whether every pool connection is in use by a query.
+func (s *Store) saturated() bool {
+	st := s.pool.Stat()
+	return st.AcquiredConns() >= st.MaxConns()
+}
+
 // Ping makes one SELECT 1 round trip, so readiness proves that queries run,
 // not merely that a TCP connection can be opened.
 func (s *Store) Ping(ctx context.Context) error {
