@@ -4,11 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"log/slog"
 	"net/http"
 	"net/url"
+	"path"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -73,9 +73,10 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rec := &statusRecorder{ResponseWriter: w}
 
 	h, route := s.mux.Handler(r)
-	if route == "" {
-		// The mux's own 404 and 405 answers are plain text; rewrite them in
-		// the JSON error shape, keeping the Allow header it sets.
+	if route == "" || path.Clean(r.URL.Path) != r.URL.Path {
+		// The mux's own 404 and 405 answers are plain text, and for an
+		// unclean path it answers a redirect under the clean route's name;
+		// rewrite all of them as JSON errors, keeping the Allow header.
 		route = "unmatched"
 		h = jsonFallback(h)
 	}
@@ -174,10 +175,12 @@ func (f *fallbackWriter) WriteHeader(code int) {
 	case http.StatusMethodNotAllowed:
 		writeError(f.ResponseWriter, f.r, code, "method_not_allowed",
 			f.r.Method+" is not allowed here; allowed: "+h.Get("Allow"))
-	case http.StatusNotFound:
-		writeError(f.ResponseWriter, f.r, code, "not_found", "no such endpoint: "+f.r.URL.Path)
 	default:
-		writeError(f.ResponseWriter, f.r, code, http.StatusText(code), http.StatusText(code))
+		// The mux also redirects unclean paths (//3ds/my-records,
+		// /3ds/./my-records) to the clean one. An API has exactly one
+		// spelling of each path, so those are unknown paths too.
+		h.Del("Location")
+		writeError(f.ResponseWriter, f.r, http.StatusNotFound, "not_found", "no such endpoint: "+f.r.URL.Path)
 	}
 }
 
@@ -196,7 +199,8 @@ func writeJSON(w http.ResponseWriter, r *http.Request, status int, body any) {
 	h.Set("Cache-Control", "no-store")
 	h.Set("Server-Timing", serverTiming(requestInfoFrom(r.Context())))
 	h.Del("Content-Length")
-	buf, err := json.Marshal(body)
+	// marshalBody: json.Marshal's bytes, without reflection for the page (encode.go).
+	buf, err := marshalBody(body)
 	if err != nil {
 		// Only our own types reach here; a failure is a programming error.
 		status = http.StatusInternalServerError

@@ -289,6 +289,8 @@ func TestUnknownPathsAndMethodsAnswerInJSON(t *testing.T) {
 		{"an unknown path is a 404", http.MethodGet, "/nope", http.StatusNotFound, ""},
 		{"the root is a 404", http.MethodGet, "/", http.StatusNotFound, ""},
 		{"a sub-path of the endpoint is a 404", http.MethodGet, "/3ds/my-records/1002", http.StatusNotFound, ""},
+		{"a doubled slash is a 404, not a redirect", http.MethodGet, "//3ds/my-records", http.StatusNotFound, ""},
+		{"a dot segment is a 404, not a redirect", http.MethodGet, "/3ds/./my-records", http.StatusNotFound, ""},
 		{"POST is a 405", http.MethodPost, "/3ds/my-records", http.StatusMethodNotAllowed, "GET, HEAD"},
 		{"DELETE is a 405", http.MethodDelete, "/3ds/my-records", http.StatusMethodNotAllowed, "GET, HEAD"},
 		{"PUT on healthz is a 405", http.MethodPut, "/healthz", http.StatusMethodNotAllowed, "GET, HEAD"},
