@@ -8,6 +8,19 @@ build:
 test:
 	scripts/with-postgres.sh go test -race -count=1 ./...
 
+# Throwaway PostgreSQL + seeded data + the real binary under load; prints the
+# table (about 2 minutes). BENCH_ARGS passes flags to the bench tool.
+.PHONY: bench
+bench:
+	bench/run.sh
+
+# Faults and hostile clients against the real binary under load (about 3
+# minutes, not part of test); fails when a value that must be 0 is not.
+# SOAK_ARGS passes flags to the soak program, e.g. SOAK_ARGS='-scale 0.2'.
+.PHONY: soak
+soak:
+	scripts/soak.sh $(SOAK_ARGS)
+
 vet:
 	go vet ./...
 

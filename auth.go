@@ -101,6 +101,10 @@ type Verifier struct {
 	rejections    [numReasons]atomic.Int64
 	refreshOK     atomic.Int64
 	refreshFailed atomic.Int64
+
+	// tokens skips the signature check for a token already verified by the
+	// current key set (tokencache.go); nil disables it.
+	tokens *tokenCache
 }
 
 // NewVerifier starts the background key refresh; Close stops it.
@@ -114,7 +118,7 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 	if cfg.userClaim == "" {
 		cfg.userClaim = "sub"
 	}
-	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{})}
+	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{}), tokens: newTokenCache(maxCachedTokens)}
 	if cfg.jwksFile != "" {
 		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
 	} else {
@@ -352,6 +356,10 @@ func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
 	if kr == nil {
 		return 0, errNoKeys
 	}
+	sum := tokenSum(token)
+	if uid, ok := v.tokens.get(sum, kr, v.now()); ok {
+		return uid, nil
+	}
 	headerPart, ok := compactHeader(token)
 	if !ok {
 		return 0, reject(reasonMalformed, "the token is not a compact JWS")
@@ -374,7 +382,8 @@ func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
 	key, found := kr.byKid[hdr.Kid]
 	if !found {
 		v.refreshForUnknownKid(ctx)
-		if key, found = v.keys.Load().byKid[hdr.Kid]; !found {
+		kr = v.keys.Load()
+		if key, found = kr.byKid[hdr.Kid]; !found {
 			return 0, reject(reasonUnknownKey, "the token was signed by an unknown key")
 		}
 	}
@@ -386,7 +395,11 @@ func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
 	if err != nil {
 		return 0, reject(reasonBadSignature, "the token signature is not valid")
 	}
-	return v.checkClaims(payload)
+	uid, err := v.checkClaims(payload)
+	if err == nil {
+		v.tokens.put(sum, kr, uid, payload, v.now())
+	}
+	return uid, err
 }
 
 // compactHeader accepts only the compact serialization: three base64url
