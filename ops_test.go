@@ -389,11 +389,9 @@ func startBinary(t testing.TB, env map[string]string) *binaryService {
 		}
 	})
 	waitFor(t, 15*time.Second, "the binary's listening line", func() bool {
-		for _, l := range b.stdout.logLines(t) {
-			if l["msg"] == "listening" {
-				b.base = "http://" + l["addr"].(string)
-				return true
-			}
+		var ok bool
+		if b.base, ok = b.stdout.listeningBase(t); ok {
+			return true
 		}
 		select {
 		case <-b.exited:

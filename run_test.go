@@ -51,6 +51,16 @@ func (s *syncBuffer) logLines(t testing.TB) []map[string]any {
 	return out
 }
 
+// listeningBase is the service's base URL from its "listening" log line.
+func (s *syncBuffer) listeningBase(t testing.TB) (string, bool) {
+	for _, l := range s.logLines(t) {
+		if l["msg"] == "listening" {
+			return "http://" + l["addr"].(string), true
+		}
+	}
+	return "", false
+}
+
 func envFunc(env map[string]string) func(string) string {
 	return func(k string) string { return env[k] }
 }
@@ -79,11 +89,9 @@ func startRun(t testing.TB, env map[string]string) *runningService {
 		}
 	})
 	waitFor(t, 10*time.Second, "the listening log line", func() bool {
-		for _, l := range rs.stdout.logLines(t) {
-			if l["msg"] == "listening" {
-				rs.base = "http://" + l["addr"].(string)
-				return true
-			}
+		var ok bool
+		if rs.base, ok = rs.stdout.listeningBase(t); ok {
+			return true
 		}
 		select {
 		case err := <-rs.done:
