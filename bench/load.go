@@ -78,7 +78,7 @@ func runWorkers(c int, until time.Time, work func(w int, until time.Time, res *p
 // request bytes, status line and Content-Length only): net/http's client
 // costs several times more CPU per request, and on two shared cores every
 // microsecond the load generator burns is taken from the service.
-func httpLoad(addr string, sc scenario, tokens map[int64]string, c int, d time.Duration, seed uint64) *phaseResult {
+func httpLoad(ctx context.Context, addr string, sc scenario, tokens map[int64]string, c int, d time.Duration, seed uint64) *phaseResult {
 	until := time.Now().Add(d)
 	return runWorkers(c, until, func(w int, until time.Time, res *phaseResult) {
 		rng := rand.New(rand.NewPCG(seed, uint64(w)))
@@ -92,7 +92,7 @@ func httpLoad(addr string, sc scenario, tokens map[int64]string, c int, d time.D
 		prefix := "GET /3ds/my-records?page=" + strconv.Itoa(sc.page) + "&page_size=" + strconv.Itoa(sc.pageSize) +
 			" HTTP/1.1\r\nHost: " + addr + "\r\nAuthorization: Bearer "
 		req := make([]byte, 0, 2048)
-		for time.Now().Before(until) {
+		for time.Now().Before(until) && ctx.Err() == nil {
 			if conn == nil {
 				var err error
 				if conn, err = net.DialTimeout("tcp", addr, 5*time.Second); err != nil {
@@ -211,7 +211,7 @@ func sqlLoad(ctx context.Context, dsn string, sc scenario, c int, d time.Duratio
 			passcode, amount, cur, mer string
 			receivedAt                 time.Time
 		)
-		for time.Now().Before(until) {
+		for time.Now().Before(until) && ctx.Err() == nil {
 			qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 			start := time.Now()
 			rows, err := conn.Query(qctx, "page", sc.user(rng), sc.pageSize, offset)

@@ -123,7 +123,8 @@ func (a cpuSample) otherLoad(elapsed time.Duration) float64 {
 	if a.machine < 0 || a.pg < 0 {
 		return -1
 	}
-	other := a.machine - a.pg - a.self - max(a.svc, 0)
+	// Sampling skew can make an idle machine's remainder slightly negative.
+	other := max(a.machine-a.pg-a.self-max(a.svc, 0), 0)
 	return float64(other) / (elapsed.Seconds() * 1e6 * float64(runtime.NumCPU()))
 }
 
@@ -236,12 +237,12 @@ func run(ctx context.Context, o options) (bool, error) {
 		seed := uint64(i + 1)
 		logf("%s: service warm-up %s, then %s measured", sc.name, o.warmup, o.duration)
 		if o.warmup > 0 {
-			httpLoad(svc.addr, sc, m.tokens, o.concurrency, o.warmup, seed+100)
+			httpLoad(ctx, svc.addr, sc, m.tokens, o.concurrency, o.warmup, seed+100)
 		}
 		r := row{sc: sc}
 		x0 := xacts()
 		c0 := sample()
-		r.svc = httpLoad(svc.addr, sc, m.tokens, o.concurrency, o.duration, seed)
+		r.svc = httpLoad(ctx, svc.addr, sc, m.tokens, o.concurrency, o.duration, seed)
 		r.svcCPU = sample().sub(c0)
 		r.peakKiB, _ = memKiB(svc.pid(), "VmHWM")
 		// Backends publish their statistics at most once a second.
