@@ -197,14 +197,17 @@ func (s *Store) withTimeout(ctx context.Context) (context.Context, context.Cance
 	return ctx, func() {}
 }
 
-const receivedAtLayout = "2006-01-02T15:04:05Z"
+// receivedAtLen is the length of "2006-01-02T15:04:05Z". The layout is
+// time.RFC3339, which for a UTC time with no fraction prints exactly that,
+// and which the time package formats on a fast path.
+const receivedAtLen = len("2006-01-02T15:04:05Z")
 
 // formatReceivedAt renders an instant in UTC whole seconds. pgx returns
 // timestamptz in time.Local, so without UTC() the process TZ would leak out
 // under a "Z" that lies about it.
 func formatReceivedAt(t time.Time) string {
-	var buf [len(receivedAtLayout)]byte
-	return string(t.UTC().Truncate(time.Second).AppendFormat(buf[:0], receivedAtLayout))
+	var buf [receivedAtLen]byte
+	return string(t.UTC().Truncate(time.Second).AppendFormat(buf[:0], time.RFC3339))
 }
 
 // formatAmount renders PostgreSQL's text form of a NUMERIC with the ISO 4217
