@@ -13,8 +13,8 @@
 set -euo pipefail
 
 prog=pg.sh
-say() { printf '%s: %s\n' "$prog" "$*" >&2; }
-die() { say "$*"; exit 1; }
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
 	cat >&2 <<'EOF'
@@ -22,8 +22,6 @@ usage: scripts/pg.sh start|stop|restart|url DIR
 EOF
 	exit 2
 }
-
-is_root() { [ "$(id -u)" -eq 0 ]; }
 
 # initdb and postgres refuse to run as root, so as root everything that touches the
 # cluster runs as the postgres user; an ordinary user runs the binaries directly.
@@ -72,26 +70,7 @@ find_bindir() {
 }
 
 install_postgres() {
-	local log lock=/tmp/pg.sh-apt-install.lock
-	# Clusters starting in parallel on a fresh CI machine would otherwise race for the dpkg lock.
-	exec 9>"$lock"
-	if command -v flock >/dev/null 2>&1; then
-		flock -w 600 9 || die "timed out waiting for another pg.sh to finish installing PostgreSQL"
-	fi
-	if find_bindir >/dev/null; then
-		exec 9>&-
-		return 0
-	fi
-	say "PostgreSQL server binaries not found; installing the 'postgresql' package with apt-get"
-	log=$(mktemp "${TMPDIR:-/tmp}/pg.sh-apt.XXXXXX")
-	if ! {
-		apt-get update -qq &&
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
-	} >"$log" 2>&1 </dev/null; then
-		tail -n 30 "$log" >&2 || true
-		exec 9>&-
-		die "apt-get install postgresql failed (full log: $log)"
-	fi
+	apt_install postgresql find_bindir
 	# The Debian package creates and starts a 'main' cluster on port 5432; it would only
 	# hold that port and memory, so stop it and keep it from starting again.
 	if command -v pg_lsclusters >/dev/null 2>&1; then
@@ -105,9 +84,7 @@ install_postgres() {
 	if command -v service >/dev/null 2>&1; then
 		service postgresql stop >/dev/null 2>&1 || true
 	fi
-	exec 9>&-
-	rm -f "$log"
-	say "installed PostgreSQL (auto-started cluster stopped)"
+	say "PostgreSQL installed (auto-started cluster stopped)"
 }
 
 need_bindir() {
@@ -137,43 +114,6 @@ Install PostgreSQL, for example:
 or point PG_BINDIR at the directory that holds initdb and pg_ctl.
 EOF
 	exit 1
-}
-
-# As root the postgres user must be able to reach DIR: mktemp directories are 0700.
-make_reachable() {
-	local p=$dir
-	chown postgres "$dir"
-	while [ "$p" != / ]; do
-		p=$(dirname "$p")
-		if ! runuser -u postgres -- test -x "$p" 2>/dev/null; then
-			say "granting o+x on $p so the postgres user can reach $dir"
-			chmod o+x "$p"
-		fi
-	done
-}
-
-port_in_use() {
-	# A refused connection means nobody listens; the bind in postgres remains the
-	# real arbiter (see the retry in start_cluster).
-	if command -v timeout >/dev/null 2>&1; then
-		timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
-	else
-		bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
-	fi
-}
-
-pick_port() {
-	local p
-	for _ in $(seq 1 200); do
-		# Below the Linux ephemeral range (32768+), so outgoing connections do not
-		# squat on it.
-		p=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
-		if ! port_in_use "$p"; then
-			echo "$p"
-			return 0
-		fi
-	done
-	die "no free TCP port found on 127.0.0.1"
 }
 
 is_running() {
@@ -250,7 +190,7 @@ start_cluster() {
 	if is_root; then
 		id postgres >/dev/null 2>&1 ||
 			die "running as root needs a 'postgres' user (initdb refuses root); create one or run as an ordinary user"
-		make_reachable
+		make_reachable "$dir"
 	fi
 	init_cluster
 	if is_running; then

@@ -20,11 +20,8 @@
 set -euo pipefail
 
 prog=pgbouncer.sh
-say() { printf '%s: %s\n' "$prog" "$*" >&2; }
-die() {
-	say "$*"
-	exit 1
-}
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
 	cat >&2 <<'EOF'
@@ -33,8 +30,6 @@ usage: scripts/pgbouncer.sh start DIR UPSTREAM_URL
 EOF
 	exit 2
 }
-
-is_root() { [ "$(id -u)" -eq 0 ]; }
 
 as_runner() {
 	if is_root; then
@@ -62,26 +57,7 @@ find_bin() {
 }
 
 install_pgbouncer() {
-	local log lock=/tmp/pgbouncer.sh-apt-install.lock
-	say "pgbouncer not found; installing the Debian package 'pgbouncer' with apt-get"
-	log=$(mktemp "${TMPDIR:-/tmp}/pgbouncer.sh-apt.XXXXXX")
-	exec 9>"$lock"
-	if command -v flock >/dev/null 2>&1; then
-		flock -w 600 9 || die "timed out waiting for another pgbouncer.sh to finish installing"
-	fi
-	if find_bin >/dev/null; then
-		exec 9>&-
-		rm -f "$log"
-		return 0
-	fi
-	if ! {
-		apt-get update -qq &&
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends pgbouncer
-	} >"$log" 2>&1 </dev/null; then
-		tail -n 30 "$log" >&2 || true
-		exec 9>&-
-		die "apt-get install pgbouncer failed (full log: $log)"
-	fi
+	apt_install pgbouncer find_bin
 	# The package may start a system-wide pgbouncer on 6432; it is not ours to keep running.
 	if command -v service >/dev/null 2>&1; then
 		service pgbouncer stop >/dev/null 2>&1 || true
@@ -89,8 +65,6 @@ install_pgbouncer() {
 	if command -v systemctl >/dev/null 2>&1; then
 		systemctl disable --now pgbouncer >/dev/null 2>&1 || true
 	fi
-	exec 9>&-
-	rm -f "$log"
 	say "installed $(find_bin)"
 }
 
@@ -111,36 +85,6 @@ pgbouncer.sh: pgbouncer was not found. Install it, for example:
 or point PGBOUNCER_BIN at the binary.
 EOF
 	exit 1
-}
-
-# As root the postgres user must be able to reach DIR: mktemp directories are 0700.
-make_reachable() {
-	local p=$dir
-	chown postgres "$dir"
-	while [ "$p" != / ]; do
-		p=$(dirname "$p")
-		if ! runuser -u postgres -- test -x "$p" 2>/dev/null; then
-			say "granting o+x on $p so the postgres user can reach $dir"
-			chmod o+x "$p"
-		fi
-	done
-}
-
-port_in_use() {
-	timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
-}
-
-pick_port() {
-	local i p
-	for i in $(seq 1 200); do
-		# Below the Linux ephemeral range, like scripts/pg.sh.
-		p=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
-		if ! port_in_use "$p"; then
-			echo "$p"
-			return 0
-		fi
-	done
-	die "no free TCP port found on 127.0.0.1"
 }
 
 running_pid() {
@@ -223,7 +167,7 @@ start() {
 	parse_upstream "$url"
 	if is_root; then
 		id postgres >/dev/null 2>&1 || die "running as root needs a 'postgres' user (pgbouncer refuses root)"
-		make_reachable
+		make_reachable "$dir"
 	fi
 	if running_pid >/dev/null; then
 		cat "$dir/url"

@@ -1,0 +1,77 @@
+# Shared by scripts/pg.sh and scripts/pgbouncer.sh (sourced, not run). The
+# caller sets prog (its name in messages) before sourcing.
+# shellcheck shell=bash disable=SC2154 # prog is set by the caller
+
+say() { printf '%s: %s\n' "$prog" "$*" >&2; }
+die() {
+	say "$*"
+	exit 1
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# make_reachable DIR: as root the postgres user runs the servers, and must be
+# able to reach DIR: mktemp directories are 0700.
+make_reachable() {
+	local dir=$1 p=$1
+	chown postgres "$dir"
+	while [ "$p" != / ]; do
+		p=$(dirname "$p")
+		if ! runuser -u postgres -- test -x "$p" 2>/dev/null; then
+			say "granting o+x on $p so the postgres user can reach $dir"
+			chmod o+x "$p"
+		fi
+	done
+}
+
+port_in_use() {
+	# A refused connection means nobody listens; the server's own bind remains
+	# the real arbiter (callers retry on another port when it fails).
+	if command -v timeout >/dev/null 2>&1; then
+		timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+	else
+		bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
+	fi
+}
+
+pick_port() {
+	local p
+	for _ in $(seq 1 200); do
+		# Below the Linux ephemeral range (32768+), so outgoing connections do not
+		# squat on it.
+		p=$((20000 + (RANDOM * 32768 + RANDOM) % 12000))
+		if ! port_in_use "$p"; then
+			echo "$p"
+			return 0
+		fi
+	done
+	die "no free TCP port found on 127.0.0.1"
+}
+
+# apt_install PACKAGE FOUND_CMD: installs a Debian package unless FOUND_CMD
+# succeeds once the lock is held. Scripts starting in parallel on a fresh CI
+# machine would otherwise race for the dpkg lock, so they share one lock and
+# the later ones find the package already there.
+apt_install() {
+	local pkg=$1 found=$2 log
+	exec 9>/tmp/threeds-records-apt-install.lock
+	if command -v flock >/dev/null 2>&1; then
+		flock -w 600 9 || die "timed out waiting for another script to finish installing packages"
+	fi
+	if "$found" >/dev/null; then
+		exec 9>&-
+		return 0
+	fi
+	say "installing the Debian package '$pkg' with apt-get"
+	log=$(mktemp "${TMPDIR:-/tmp}/$prog-apt.XXXXXX")
+	if ! {
+		apt-get update -qq &&
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg"
+	} >"$log" 2>&1 </dev/null; then
+		tail -n 30 "$log" >&2 || true
+		exec 9>&-
+		die "apt-get install $pkg failed (full log: $log)"
+	fi
+	exec 9>&-
+	rm -f "$log"
+}
