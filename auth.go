@@ -395,11 +395,12 @@ func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
 	if err != nil {
 		return 0, reject(reasonBadSignature, "the token signature is not valid")
 	}
-	uid, err := v.checkClaims(payload)
-	if err == nil {
-		v.tokens.put(sum, kr, uid, payload, v.now())
+	uid, exp, err := v.checkClaims(payload)
+	if err != nil {
+		return 0, err
 	}
-	return uid, err
+	v.tokens.put(sum, kr, uid, exp, v.now())
+	return uid, nil
 }
 
 // compactHeader accepts only the compact serialization: three base64url
@@ -454,13 +455,13 @@ func decodeSegment(seg string, dst any) error {
 // attempt at a token that never expires.
 const maxNumericDate = 253402300799
 
-// checkClaims validates the registered claims and extracts the user id from
-// the raw payload. Numbers are read as text, so a user id above 2^53 can
+// checkClaims validates the registered claims and extracts the user id (and
+// exp, for the token cache) from the raw payload. Numbers are read as text, so a user id above 2^53 can
 // never turn into a neighbouring user's id the way float64 decoding would.
-func (v *Verifier) checkClaims(payload []byte) (int64, error) {
+func (v *Verifier) checkClaims(payload []byte) (userID int64, exp float64, err error) {
 	claims, err := decodeClaims(payload)
 	if err != nil {
-		return 0, reject(reasonClaims, err.Error())
+		return 0, 0, reject(reasonClaims, err.Error())
 	}
 	now := float64(v.now().UnixNano()) / 1e9
 	leeway := v.cfg.leeway.Seconds()
@@ -468,33 +469,33 @@ func (v *Verifier) checkClaims(payload []byte) (int64, error) {
 	exp, present, err := numericDate(claims["exp"])
 	switch {
 	case err != nil:
-		return 0, reject(reasonClaims, "exp is not a valid date")
+		return 0, 0, reject(reasonClaims, "exp is not a valid date")
 	case !present:
-		return 0, reject(reasonClaims, "exp is required")
+		return 0, 0, reject(reasonClaims, "exp is required")
 	case now > exp+leeway:
-		return 0, reject(reasonExpired, "the token has expired")
+		return 0, 0, reject(reasonExpired, "the token has expired")
 	}
 	for _, name := range [...]string{"nbf", "iat"} {
 		t, present, err := numericDate(claims[name])
 		if err != nil {
-			return 0, reject(reasonClaims, name+" is not a valid date")
+			return 0, 0, reject(reasonClaims, name+" is not a valid date")
 		}
 		if present && t > now+leeway {
-			return 0, reject(reasonClaims, name+" is in the future")
+			return 0, 0, reject(reasonClaims, name+" is in the future")
 		}
 	}
 	var iss string
 	if raw, ok := claims["iss"]; !ok || json.Unmarshal(raw, &iss) != nil || iss != v.cfg.issuer {
-		return 0, reject(reasonClaims, "the token issuer is not accepted")
+		return 0, 0, reject(reasonClaims, "the token issuer is not accepted")
 	}
 	if v.cfg.audience != "" && !audienceContains(claims["aud"], v.cfg.audience) {
-		return 0, reject(reasonClaims, "the token audience is not accepted")
+		return 0, 0, reject(reasonClaims, "the token audience is not accepted")
 	}
 	uid, ok := parseUserID(claims[v.cfg.userClaim])
 	if !ok {
-		return 0, reject(reasonClaims, "the token's user claim is not a positive integer id")
+		return 0, 0, reject(reasonClaims, "the token's user claim is not a positive integer id")
 	}
-	return uid, nil
+	return uid, exp, nil
 }
 
 // decodeClaims splits the payload into its top-level members and refuses a

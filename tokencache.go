@@ -63,18 +63,10 @@ func (c *tokenCache) get(sum [sha256.Size]byte, keys *keyring, now time.Time) (i
 	return e.userID, true
 }
 
-// put remembers a token that keys has just verified. payload is its claims,
-// already checked, from which only exp is read again.
-func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, userID int64, payload []byte, now time.Time) {
-	if c == nil {
-		return
-	}
-	claims, err := decodeClaims(payload)
-	if err != nil {
-		return
-	}
-	exp, present, err := numericDate(claims["exp"])
-	if err != nil || !present || unixSeconds(now) >= exp {
+// put remembers a token that keys has just verified, until exp (its
+// NumericDate, already checked).
+func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, userID int64, exp float64, now time.Time) {
+	if c == nil || unixSeconds(now) >= exp {
 		return
 	}
 	c.mu.Lock()
