@@ -184,9 +184,6 @@ func (c *testCluster) start() {
 	}
 }
 
-// restart is stop and start in one step, on the same port.
-func (c *testCluster) restart() { c.start() }
-
 // pg runs scripts/pg.sh CMD on the cluster's directory, bounded in time.
 func (c *testCluster) pg(cmd string) (string, error) {
 	script := os.Getenv("PG_SCRIPT") // exported by scripts/with-postgres.sh

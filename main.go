@@ -50,7 +50,6 @@ type configError struct {
 func (e *configError) Error() string { return e.name + ": " + e.msg }
 
 type config struct {
-	databaseURL     string
 	poolConfig      *pgxpool.Config
 	auth            authConfig
 	listenAddr      string
@@ -68,11 +67,11 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.queryTimeout, err = durationVar(getenv, "DB_QUERY_TIMEOUT", 3*time.Second); err != nil {
 		return nil, err
 	}
-	c.databaseURL = getenv("DATABASE_URL")
-	if c.databaseURL == "" {
+	databaseURL := getenv("DATABASE_URL")
+	if databaseURL == "" {
 		return nil, &configError{"DATABASE_URL", "is required"}
 	}
-	if c.poolConfig, err = pgxpool.ParseConfig(c.databaseURL); err != nil {
+	if c.poolConfig, err = pgxpool.ParseConfig(databaseURL); err != nil {
 		// The parse error may quote the URL, password included: say less.
 		return nil, &configError{"DATABASE_URL", "is not a valid PostgreSQL connection string or URL"}
 	}
