@@ -121,6 +121,10 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	for i := range numReasons {
 		fmt.Fprintf(&b, "threeds_token_rejections_total{reason=\"%s\"} %d\n", labelValue(i.String()), v.rejections[i].Load())
 	}
+	b.WriteString("# HELP threeds_token_cache_lookups_total Lookups of already-verified tokens: a hit skips the signature check.\n# TYPE threeds_token_cache_lookups_total counter\n")
+	hits, misses := v.tokens.counts()
+	fmt.Fprintf(&b, "threeds_token_cache_lookups_total{result=\"hit\"} %d\n", hits)
+	fmt.Fprintf(&b, "threeds_token_cache_lookups_total{result=\"miss\"} %d\n", misses)
 	b.WriteString("# HELP threeds_jwks_refreshes_total JWKS loads by result.\n# TYPE threeds_jwks_refreshes_total counter\n")
 	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"ok\"} %d\n", v.refreshOK.Load())
 	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"failed\"} %d\n", v.refreshFailed.Load())

@@ -809,6 +809,10 @@ func TestMetricsExposeTrafficRejectionsKeysAndThePool(t *testing.T) {
 			t.Errorf("threeds_http_requests_total{route=%q,code=%q} = %v, want %v", c.route, c.code, got, c.want)
 		}
 	}
+	// The valid token is verified once, then found in the cache three times.
+	if got := after.value(t, "threeds_token_cache_lookups_total", "result", "hit") - before.value(t, "threeds_token_cache_lookups_total", "result", "hit"); got != 3 {
+		t.Errorf("token cache hits grew by %v, want 3", got)
+	}
 	if got := after.value(t, "threeds_http_requests_total", "route", "GET /readyz", "code", "200"); got < 1 {
 		t.Errorf("readyz 200s = %v", got)
 	}

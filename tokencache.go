@@ -3,6 +3,7 @@ package main
 import (
 	"crypto/sha256"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -32,6 +33,8 @@ type tokenCache struct {
 	mu      sync.RWMutex
 	max     int
 	entries map[[sha256.Size]byte]cachedToken
+
+	hits, misses atomic.Int64 // for /metrics
 }
 
 type cachedToken struct {
@@ -58,8 +61,10 @@ func (c *tokenCache) get(sum [sha256.Size]byte, keys *keyring, now time.Time) (i
 	e, ok := c.entries[sum]
 	c.mu.RUnlock()
 	if !ok || e.keys != keys || unixSeconds(now) >= e.exp {
+		c.misses.Add(1)
 		return 0, false
 	}
+	c.hits.Add(1)
 	return e.userID, true
 }
 
@@ -95,6 +100,14 @@ func (c *tokenCache) evictLocked(current *keyring, now time.Time) {
 		}
 		delete(c.entries, k)
 	}
+}
+
+// counts returns the lookups so far; a nil cache has none.
+func (c *tokenCache) counts() (hits, misses int64) {
+	if c == nil {
+		return 0, 0
+	}
+	return c.hits.Load(), c.misses.Load()
 }
 
 func (c *tokenCache) len() int {
