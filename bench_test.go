@@ -10,8 +10,10 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -175,5 +177,22 @@ func TestBenchUsesTheServiceSQL(t *testing.T) {
 	}
 	if !strings.Contains(string(src), "const pageSQL = `"+listRecordsSQL+"`") {
 		t.Fatal("bench/sql.go's pageSQL differs from store.go's listRecordsSQL; copy it over")
+	}
+}
+
+// TestServeForProfile is the service itself, run from its test binary so that
+// `go test -c` plus -test.cpuprofile profiles it under `make bench`'s load
+// without a profiling endpoint in the release binary
+// (BENCH_CPUPROFILE=FILE make bench; bench/run.sh sets it up). It serves, from
+// the environment, exactly as main does, until SIGTERM; the profile is
+// written when the test returns. Skipped unless THREEDS_SERVE_FOR_PROFILE=1.
+func TestServeForProfile(t *testing.T) {
+	if os.Getenv("THREEDS_SERVE_FOR_PROFILE") != "1" {
+		t.Skip("THREEDS_SERVE_FOR_PROFILE is not 1; bench/run.sh sets it for BENCH_CPUPROFILE")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, nil, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		t.Fatal(err)
 	}
 }

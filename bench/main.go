@@ -1,7 +1,9 @@
 // Command bench measures threeds-records end to end: the real service binary
-// under HTTP load on loopback, next to the same SQL issued straight to
-// PostgreSQL at the same concurrency. bench/run.sh (`make bench`) starts the
-// throwaway cluster, migrates it with the real binary and then runs this.
+// under HTTP load on loopback, next to the floor (../shared/floor: net/http,
+// pgxpool and the same page SQL with nothing else) on the same database,
+// tokens and load, the two measured in alternating rounds of the same run.
+// bench/run.sh (`make bench`) builds both, starts the throwaway cluster,
+// migrates it with the real binary and then runs this.
 package main
 
 import (
@@ -18,11 +20,9 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -44,6 +44,11 @@ type options struct {
 	serviceEnv  multiFlag
 	scenarios   string
 	serviceLog  string
+	serviceArgs string
+	floor       string
+	floorLog    string
+	rounds      int
+	direct      bool
 }
 
 type multiFlag []string
@@ -57,9 +62,14 @@ func main() {
 	flag.StringVar(&o.service, "service", "bin/threeds-records", "the service binary (make build)")
 	flag.StringVar(&o.dir, "dir", "", "scratch directory for the JWKS file (default: a temp dir)")
 	flag.StringVar(&o.pgPIDFile, "pg-pid-file", "", "postmaster.pid of the cluster, to report PostgreSQL CPU (optional)")
-	flag.IntVar(&o.concurrency, "c", 12, "requests in flight, the same for the service and for direct SQL")
-	flag.DurationVar(&o.duration, "d", 10*time.Second, "measured duration of each phase")
-	flag.DurationVar(&o.warmup, "warmup", 2*time.Second, "unmeasured load before each service phase")
+	flag.IntVar(&o.concurrency, "c", 12, "requests in flight, the same for the service, the floor and direct SQL")
+	flag.DurationVar(&o.duration, "d", 5*time.Second, "measured duration of each phase (one server, one round)")
+	flag.DurationVar(&o.warmup, "warmup", time.Second, "unmeasured load before each measured phase")
+	flag.IntVar(&o.rounds, "rounds", 5, "rounds per scenario; each round measures the service and the floor back to back, in alternating order")
+	flag.StringVar(&o.floor, "floor", "", "the floor binary (../shared/floor, built by bench/run.sh); empty: the service alone")
+	flag.StringVar(&o.floorLog, "floor-log", os.DevNull, "where the floor's output goes")
+	flag.BoolVar(&o.direct, "direct", false, "also run the service's page SQL straight to PostgreSQL, one phase per scenario after the rounds")
+	flag.StringVar(&o.serviceArgs, "service-args", "", "space-separated arguments for the service binary (bench/run.sh uses it for the profiling build)")
 	flag.IntVar(&o.users, "users", 10000, "ordinary users (ids 1..users)")
 	flag.IntVar(&o.perUser, "per-user", 50, "records per ordinary user")
 	flag.IntVar(&o.heavy, "heavy", 20000, "records of the heavy user (id users+1)")
@@ -92,42 +102,6 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
 }
 
-type row struct {
-	sc        scenario
-	svc       *phaseResult
-	svcCPU    cpuSample // over the service phase
-	sqlPerReq float64
-	peakKiB   int64
-	direct    *phaseResult
-	directCPU cpuSample // over the direct-SQL phase
-}
-
-// cpuSample is CPU used so far, in µs, by each party; -1 when unknown.
-type cpuSample struct {
-	svc, pg, self, machine int64
-}
-
-func (a cpuSample) sub(b cpuSample) cpuSample {
-	d := func(x, y int64) int64 {
-		if x < 0 || y < 0 {
-			return -1
-		}
-		return x - y
-	}
-	return cpuSample{d(a.svc, b.svc), d(a.pg, b.pg), d(a.self, b.self), d(a.machine, b.machine)}
-}
-
-// otherLoad is the share of the machine's CPU, over elapsed, that none of
-// the measured parties used: other people's work on a shared box.
-func (a cpuSample) otherLoad(elapsed time.Duration) float64 {
-	if a.machine < 0 || a.pg < 0 {
-		return -1
-	}
-	// Sampling skew can make an idle machine's remainder slightly negative.
-	other := max(a.machine-a.pg-a.self-max(a.svc, 0), 0)
-	return float64(other) / (elapsed.Seconds() * 1e6 * float64(runtime.NumCPU()))
-}
-
 func run(ctx context.Context, o options) (bool, error) {
 	if o.dir == "" {
 		d, err := os.MkdirTemp("", "threeds-bench")
@@ -137,19 +111,13 @@ func run(ctx context.Context, o options) (bool, error) {
 		defer os.RemoveAll(d)
 		o.dir = d
 	}
-	heavyID := int64(o.users) + 1
-	all := map[string]scenario{
-		"page1": {name: "page 1, random user", page: 1, pageSize: 20, user: func(r *rand.Rand) int64 { return 1 + r.Int64N(int64(o.users)) }},
-		"page3": {name: "page 3, random user", page: 3, pageSize: 20, user: func(r *rand.Rand) int64 { return 1 + r.Int64N(int64(o.users)) }},
-		"heavy": {name: fmt.Sprintf("page 1, heavy user (%d rows)", o.heavy), page: 1, pageSize: 20, user: func(*rand.Rand) int64 { return heavyID }},
+	if o.rounds < 1 {
+		return false, errors.New("-rounds must be at least 1")
 	}
-	var scenarios []scenario
-	for name := range strings.SplitSeq(o.scenarios, ",") {
-		sc, ok := all[strings.TrimSpace(name)]
-		if !ok {
-			return false, fmt.Errorf("unknown scenario %q", name)
-		}
-		scenarios = append(scenarios, sc)
+	heavyID := int64(o.users) + 1
+	scenarios, err := pickScenarios(o, heavyID)
+	if err != nil {
+		return false, err
 	}
 
 	admin, err := pgx.Connect(ctx, o.dsn)
@@ -191,83 +159,69 @@ func run(ctx context.Context, o options) (bool, error) {
 		return false, err
 	}
 
-	svc, err := startService(ctx, o, jwksPath)
+	b := &bench{o: o, ctx: ctx, tokens: m.tokens, postmaster: readPostmaster(o.pgPIDFile)}
+	svc, err := startServer(ctx, serverSpec{
+		name: "service", bin: o.service, args: strings.Fields(o.serviceArgs),
+		dsn: withParams(o.dsn, o.dbParams), env: o.serviceEnv, log: o.serviceLog, dir: o.dir,
+	}, jwksPath)
 	if err != nil {
 		return false, err
 	}
 	defer svc.stop()
-	logf("service pid %d on %s", svc.cmd.Process.Pid, svc.addr)
-
-	postmaster := -1
-	if o.pgPIDFile != "" {
-		if b, err := os.ReadFile(o.pgPIDFile); err == nil {
-			first, _, _ := strings.Cut(string(b), "\n")
-			if pid, err := strconv.Atoi(strings.TrimSpace(first)); err == nil {
-				postmaster = pid
-			}
-		}
-	}
-	micros := func(ticks int64, err error) int64 {
+	b.servers = append(b.servers, svc)
+	logf("service pid %d on %s", svc.pid(), svc.addr)
+	if o.floor != "" {
+		fl, err := startFloor(ctx, o, svc, jwksPath)
 		if err != nil {
-			return -1
+			return false, err
 		}
-		return ticks * (1e6 / clockTicks)
-	}
-	sample := func() cpuSample {
-		s := cpuSample{svc: micros(cpuTicks(svc.pid())), pg: -1, self: selfMicros(), machine: micros(machineBusyTicks())}
-		if postmaster > 0 {
-			s.pg = micros(treeTicks(postmaster))
-		}
-		return s
-	}
-	xacts := func() int64 {
-		var n int64
-		_ = admin.QueryRow(ctx, "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()").Scan(&n)
-		return n
+		defer fl.stop()
+		b.servers = append(b.servers, fl)
 	}
 
 	time.Sleep(time.Second)
 	idleKiB, _ := memKiB(svc.pid(), "VmRSS")
+	// Every token once to every server, so that no measured round pays for
+	// a first signature check that an earlier round did not.
+	for _, s := range b.servers {
+		start := time.Now()
+		if res := primeTokens(ctx, s.addr, m.tokens, o.concurrency); res.errs+res.non2xx > 0 {
+			return false, fmt.Errorf("priming the %s's token cache: %d errors, %d non-2xx, first %q", s.name, res.errs, res.non2xx, res.firstErr)
+		}
+		logf("%s: every token verified once (%d requests) in %s", s.name, len(m.tokens), time.Since(start).Round(time.Millisecond))
+	}
 
-	var rows []row
+	var results []*scenarioResult
 	for i, sc := range scenarios {
 		if ctx.Err() != nil {
 			return false, ctx.Err()
 		}
-		seed := uint64(i + 1)
-		logf("%s: service warm-up %s, then %s measured", sc.name, o.warmup, o.duration)
-		if o.warmup > 0 {
-			httpLoad(ctx, svc.addr, sc, m.tokens, o.concurrency, o.warmup, seed+100)
+		results = append(results, b.measureScenario(sc, uint64(i+1)))
+	}
+	if o.direct {
+		for i, r := range results {
+			logf("%s: direct SQL %s", r.sc.name, o.duration)
+			res, cpu, err := sqlLoad(ctx, o.dsn, r.sc, o.concurrency, o.duration, uint64(i+1), func() cpuSample { return b.sample(nil) })
+			if err != nil {
+				return false, fmt.Errorf("direct SQL: %w", err)
+			}
+			r.direct, r.directCPU = res, cpu
 		}
-		r := row{sc: sc}
-		x0 := xacts()
-		c0 := sample()
-		r.svc = httpLoad(ctx, svc.addr, sc, m.tokens, o.concurrency, o.duration, seed)
-		r.svcCPU = sample().sub(c0)
-		r.peakKiB, _ = memKiB(svc.pid(), "VmHWM")
-		// Backends publish their statistics at most once a second.
-		time.Sleep(1500 * time.Millisecond)
-		if n := len(r.svc.lat); n > 0 {
-			r.sqlPerReq = float64(xacts()-x0-1) / float64(n)
-		}
-
-		logf("%s: direct SQL %s", sc.name, o.duration)
-		direct, cpu, err := sqlLoad(ctx, o.dsn, sc, o.concurrency, o.duration, seed, sample)
-		if err != nil {
-			return false, fmt.Errorf("direct SQL: %w", err)
-		}
-		r.direct, r.directCPU = direct, cpu
-		r.directCPU.svc = -1
-		rows = append(rows, r)
 	}
 	time.Sleep(2 * time.Second)
-	afterKiB, _ := memKiB(svc.pid(), "VmRSS")
-	peakKiB, _ := memKiB(svc.pid(), "VmHWM")
+	mem := memReport{idleKiB: idleKiB}
+	mem.afterKiB, _ = memKiB(svc.pid(), "VmRSS")
+	mem.peakKiB, _ = memKiB(svc.pid(), "VmHWM")
 
-	printReport(os.Stdout, o, pgVersion, rows, idleKiB, afterKiB, peakKiB)
+	printReport(os.Stdout, o, pgVersion, b.servers, results, mem)
 	ok := true
-	for _, r := range rows {
-		if r.svc.non2xx > 0 || r.svc.errs > 0 || r.direct.errs > 0 {
+	for _, r := range results {
+		for _, s := range r.sides {
+			if s.non2xx > 0 || s.errs > 0 {
+				ok = false
+			}
+		}
+		if r.direct != nil && r.direct.errs > 0 {
 			ok = false
 		}
 	}
@@ -277,7 +231,53 @@ func run(ctx context.Context, o options) (bool, error) {
 	return ok, nil
 }
 
+func pickScenarios(o options, heavyID int64) ([]scenario, error) {
+	randomUser := func(r *rand.Rand) int64 { return 1 + r.Int64N(int64(o.users)) }
+	all := map[string]scenario{
+		"page1": {name: "page 1, random user", page: 1, pageSize: 20, user: randomUser},
+		"page3": {name: "page 3, random user", page: 3, pageSize: 20, user: randomUser},
+		"heavy": {name: fmt.Sprintf("page 1, heavy user (%d rows)", o.heavy), page: 1, pageSize: 20, heavy: true, user: func(*rand.Rand) int64 { return heavyID }},
+	}
+	var scenarios []scenario
+	for name := range strings.SplitSeq(o.scenarios, ",") {
+		sc, ok := all[strings.TrimSpace(name)]
+		if !ok {
+			return nil, fmt.Errorf("unknown scenario %q", name)
+		}
+		scenarios = append(scenarios, sc)
+	}
+	return scenarios, nil
+}
+
+func readPostmaster(pidFile string) int {
+	if pidFile == "" {
+		return -1
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return -1
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	pid, err := strconv.Atoi(strings.TrimSpace(first))
+	if err != nil {
+		return -1
+	}
+	return pid
+}
+
+func withParams(dsn, params string) string {
+	if params == "" {
+		return dsn
+	}
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	return dsn + sep + params
+}
+
 type runningService struct {
+	name string
 	cmd  *exec.Cmd
 	addr string
 	done chan error
@@ -285,45 +285,50 @@ type runningService struct {
 
 func (s *runningService) pid() int { return s.cmd.Process.Pid }
 
-func startService(ctx context.Context, o options, jwksPath string) (*runningService, error) {
+// serverSpec is one HTTP server the bench runs: the service or the floor.
+type serverSpec struct {
+	name string
+	bin  string
+	args []string
+	dsn  string
+	env  []string
+	log  string // where its stdout goes
+	dir  string // the pid file NAME.pid goes here, for bench/run.sh's cleanup
+}
+
+// startServer runs spec on a free loopback port with the bench's keys and
+// issuer, and waits for its /readyz.
+func startServer(ctx context.Context, spec serverSpec, jwksPath string) (*runningService, error) {
 	addr, err := freeAddr()
 	if err != nil {
 		return nil, err
 	}
-	dsn := o.dsn
-	if o.dbParams != "" {
-		sep := "?"
-		if strings.Contains(dsn, "?") {
-			sep = "&"
-		}
-		dsn += sep + o.dbParams
-	}
-	out, err := os.OpenFile(o.serviceLog, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	out, err := os.OpenFile(spec.log, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(o.service)
+	cmd := exec.Command(spec.bin, spec.args...)
 	cmd.Env = append([]string{
 		"PATH=" + os.Getenv("PATH"),
-		"DATABASE_URL=" + dsn,
+		"DATABASE_URL=" + spec.dsn,
 		"JWKS_FILE=" + jwksPath,
 		"JWT_ISSUER=" + benchIssuer,
 		"JWT_AUDIENCE=" + benchAudience,
 		"LISTEN_ADDR=" + addr,
 		"SHUTDOWN_TIMEOUT=5s",
-	}, o.serviceEnv...)
+	}, spec.env...)
 	cmd.Stdout = out
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		out.Close()
-		return nil, fmt.Errorf("start %s: %w", o.service, err)
+		return nil, fmt.Errorf("start %s: %w", spec.bin, err)
 	}
 	out.Close()
-	s := &runningService{cmd: cmd, addr: addr, done: make(chan error, 1)}
+	s := &runningService{name: spec.name, cmd: cmd, addr: addr, done: make(chan error, 1)}
 	go func() { s.done <- cmd.Wait() }()
-	if o.dir != "" {
-		_ = os.WriteFile(filepath.Join(o.dir, "service.pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644)
+	if spec.dir != "" {
+		_ = os.WriteFile(filepath.Join(spec.dir, spec.name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644)
 	}
 
 	client := &http.Client{Timeout: 2 * time.Second}
@@ -331,7 +336,7 @@ func startService(ctx context.Context, o options, jwksPath string) (*runningServ
 	for {
 		select {
 		case err := <-s.done:
-			return nil, fmt.Errorf("the service exited before it was ready: %v", err)
+			return nil, fmt.Errorf("the %s exited before it was ready: %v", spec.name, err)
 		case <-ctx.Done():
 			s.stop()
 			return nil, ctx.Err()
@@ -348,7 +353,7 @@ func startService(ctx context.Context, o options, jwksPath string) (*runningServ
 		}
 		if time.Now().After(deadline) {
 			s.stop()
-			return nil, errors.New("the service was not ready within 30s")
+			return nil, fmt.Errorf("the %s was not ready within 30s", spec.name)
 		}
 	}
 }
@@ -376,103 +381,4 @@ func freeAddr() (string, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().String(), nil
-}
-
-func pct(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	i := int(float64(len(lat)-1) * p)
-	return lat[i]
-}
-
-func msStr(d time.Duration) string {
-	return strconv.FormatFloat(float64(d.Microseconds())/1000, 'f', 2, 64)
-}
-
-func usPer(micros int64, n int) string {
-	if micros < 0 || n == 0 {
-		return "n/a"
-	}
-	return strconv.FormatFloat(float64(micros)/float64(n), 'f', 0, 64)
-}
-
-func pctStr(f float64) string {
-	if f < 0 {
-		return "n/a"
-	}
-	return strconv.FormatFloat(f*100, 'f', 0, 64) + "%"
-}
-
-func mib(kib int64) string { return strconv.FormatFloat(float64(kib)/1024, 'f', 1, 64) }
-
-func cpuModel() string {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return runtime.GOARCH
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
-			return strings.TrimSpace(v)
-		}
-	}
-	return runtime.GOARCH
-}
-
-func printReport(w io.Writer, o options, pgVersion string, rows []row, idleKiB, afterKiB, peakKiB int64) {
-	fmt.Fprintf(w, "\nthreeds-records bench: %d CPU (%s), %s, PostgreSQL %s\n", runtime.NumCPU(), cpuModel(), runtime.Version(), pgVersion)
-	fmt.Fprintf(w, "%d requests in flight on both sides, %s per phase (+%s service warm-up), %s tokens, %d users x %d records + 1 x %d\n",
-		o.concurrency, o.duration, o.warmup, o.alg, o.users, o.perUser, o.heavy)
-	fmt.Fprintln(w, "The load generator, the service and PostgreSQL share these cores: figures are ratios on one machine, not capacity.")
-	if o.dbParams != "" || len(o.serviceEnv) > 0 {
-		fmt.Fprintf(w, "service settings: db-params=%q env=%q\n", o.dbParams, o.serviceEnv.String())
-	}
-	fmt.Fprintln(w)
-	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', tabwriter.AlignRight|tabwriter.Debug)
-	fmt.Fprintln(tw, "scenario\t svc req/s\t p50 ms\t p99 ms\t p99/p50\t non-2xx\t svc CPU µs/req\t PG CPU µs/req\t gen CPU µs/req\t SQL/req\t direct q/s\t direct p50 ms\t direct p99 ms\t PG CPU µs/q\t client CPU µs/q\t svc/direct\t peak RSS MiB\t other load\t")
-	for _, r := range rows {
-		slices.Sort(r.svc.lat)
-		slices.Sort(r.direct.lat)
-		n, dn := len(r.svc.lat), len(r.direct.lat)
-		p50, p99 := pct(r.svc.lat, 0.5), pct(r.svc.lat, 0.99)
-		ratio := 0.0
-		if r.direct.rate() > 0 {
-			ratio = r.svc.rate() / r.direct.rate()
-		}
-		tail := 0.0
-		if p50 > 0 {
-			tail = float64(p99) / float64(p50)
-		}
-		other := max(r.svcCPU.otherLoad(r.svc.elapsed), r.directCPU.otherLoad(r.direct.elapsed))
-		fmt.Fprintf(tw, "%s\t %.0f\t %s\t %s\t %.1f\t %d\t %s\t %s\t %s\t %.2f\t %.0f\t %s\t %s\t %s\t %s\t %.0f%%\t %s\t %s\t\n",
-			r.sc.name, r.svc.rate(), msStr(p50), msStr(p99), tail, r.svc.non2xx+r.svc.errs,
-			usPer(r.svcCPU.svc, n), usPer(r.svcCPU.pg, n), usPer(r.svcCPU.self, n), r.sqlPerReq,
-			r.direct.rate(), msStr(pct(r.direct.lat, 0.5)), msStr(pct(r.direct.lat, 0.99)),
-			usPer(r.directCPU.pg, dn), usPer(r.directCPU.self, dn),
-			ratio*100, mib(r.peakKiB), pctStr(other))
-	}
-	tw.Flush()
-	fmt.Fprintf(w, "\nservice RSS: idle after start %s MiB, peak under load %s MiB (VmHWM), 2 s after the load %s MiB\n", mib(idleKiB), mib(peakKiB), mib(afterKiB))
-
-	fmt.Fprintln(w, "\ntargets:")
-	check := func(ok bool, what string) {
-		mark := "ok  "
-		if !ok {
-			mark = "MISS"
-		}
-		fmt.Fprintf(w, "  [%s] %s\n", mark, what)
-	}
-	for _, r := range rows {
-		p50, p99 := pct(r.svc.lat, 0.5), pct(r.svc.lat, 0.99)
-		check(r.svc.non2xx == 0 && r.svc.errs == 0 && r.direct.errs == 0, fmt.Sprintf("%s: zero non-2xx and errors (%d non-2xx, %d transport, %d SQL; first: %q)", r.sc.name, r.svc.non2xx, r.svc.errs, r.direct.errs, r.svc.firstErr+r.direct.firstErr))
-		if r.sc.page == 1 && strings.Contains(r.sc.name, "heavy") {
-			check(r.sqlPerReq < 1.05, fmt.Sprintf("%s: one SQL round trip per request (%.2f)", r.sc.name, r.sqlPerReq))
-			continue
-		}
-		ratio := r.svc.rate() / r.direct.rate()
-		check(ratio >= 0.70, fmt.Sprintf("%s: service >= 70%% of direct SQL (%.0f%%)", r.sc.name, ratio*100))
-		check(p99 <= 4*p50, fmt.Sprintf("%s: p99 <= 4 x p50 (%s ms vs %s ms)", r.sc.name, msStr(p99), msStr(p50)))
-	}
-	check(peakKiB <= 40<<10, fmt.Sprintf("peak RSS <= 40 MiB (%s MiB)", mib(peakKiB)))
-	check(idleKiB <= 20<<10, fmt.Sprintf("idle RSS <= 20 MiB (%s MiB)", mib(idleKiB)))
 }

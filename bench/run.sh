@@ -4,11 +4,17 @@
 #
 # A throwaway PostgreSQL (scripts/pg.sh) in a temp dir, migrated by the real
 # binary (make build), seeded by the bench tool, then the real service on
-# 127.0.0.1 driven by bench/ (Go), next to the same SQL straight to PostgreSQL.
+# 127.0.0.1 driven by bench/ (Go), in alternating rounds with the floor
+# (../shared/floor, or FLOOR_DIR: the bare stack, built here with the same
+# flags as the service; a clone without it runs the service alone).
 # Everything it starts is stopped however it ends. Extra arguments go to the
 # bench tool (go run ./bench -h lists them), e.g.
-#   make bench BENCH_ARGS='-c 8 -d 5s -db-params pool_max_conns=8'
+#   make bench BENCH_ARGS='-c 8 -d 5s -rounds 3 -db-params pool_max_conns=8'
 # Set BENCH_KEEP=DIR to keep the cluster (seeded once, reused by later runs).
+# Set BENCH_CPUPROFILE=FILE to run the service as its test binary
+# (TestServeForProfile in bench_test.go) and get its CPU profile under the
+# bench's load in FILE (go tool pprof FILE); the release binary has no
+# profiling endpoint.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -23,10 +29,11 @@ cleanup() {
 	cleaned=1
 	# The bench tool stops the service itself (and the kernel kills it if the
 	# tool dies: Pdeathsig); this is for a tool killed before it could.
-	if [ -f "$tmp/service.pid" ]; then
-		pid=$(cat "$tmp/service.pid")
-		kill -TERM "$pid" 2>/dev/null || true
-	fi
+	for f in "$tmp/service.pid" "$tmp/floor.pid"; do
+		if [ -f "$f" ]; then
+			kill -TERM "$(cat "$f")" 2>/dev/null || true
+		fi
+	done
 	if [ -z "${BENCH_KEEP:-}" ]; then
 		bash scripts/pg.sh stop "$pgdir" || say "could not stop PostgreSQL in $pgdir"
 	fi
@@ -49,6 +56,31 @@ trap 'on_signal TERM 143' TERM
 say "building bin/threeds-records (make build) and the bench tool"
 make -s build
 go build -o "$tmp/bench" ./bench
+service=$root/bin/threeds-records
+extra=()
+if [ -n "${BENCH_CPUPROFILE:-}" ]; then
+	case $BENCH_CPUPROFILE in /*) ;; *) BENCH_CPUPROFILE=$root/$BENCH_CPUPROFILE ;; esac
+	say "building the service's test binary for a CPU profile into $BENCH_CPUPROFILE"
+	go test -c -o "$tmp/threeds-records.test" .
+	service=$tmp/threeds-records.test
+	extra+=(-env THREEDS_SERVE_FOR_PROFILE=1
+		-service-args "-test.run=^TestServeForProfile\$ -test.cpuprofile=$BENCH_CPUPROFILE")
+fi
+
+floor_dir=${FLOOR_DIR:-$root/../shared/floor}
+if [ -z "${FLOOR_DIR:-}" ] && [ ! -f "$floor_dir/go.mod" ]; then
+	# A git worktree lives elsewhere; ../shared is beside the main checkout.
+	if common=$(git rev-parse --path-format=absolute --git-common-dir 2>/dev/null); then
+		[ -f "$(dirname "$common")/../shared/floor/go.mod" ] && floor_dir=$(dirname "$common")/../shared/floor
+	fi
+fi
+if [ -f "$floor_dir/go.mod" ]; then
+	say "building the floor from $floor_dir (same flags as make build)"
+	(cd "$floor_dir" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$tmp/floor" .)
+	extra+=(-floor "$tmp/floor")
+else
+	say "no floor at $floor_dir (set FLOOR_DIR): measuring the service alone"
+fi
 
 say "starting PostgreSQL in $pgdir"
 db_url=$(bash scripts/pg.sh start "$pgdir")
@@ -56,8 +88,8 @@ DATABASE_URL=$db_url "$root/bin/threeds-records" migrate >/dev/null
 
 # The tool runs in the background so the traps fire at once on Ctrl-C.
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags on purpose
-"$tmp/bench" -db "$db_url" -service "$root/bin/threeds-records" -dir "$tmp" \
-	-pg-pid-file "$pgdir/data/postmaster.pid" ${BENCH_ARGS:-} "$@" &
+"$tmp/bench" -db "$db_url" -service "$service" -dir "$tmp" \
+	-pg-pid-file "$pgdir/data/postmaster.pid" ${extra[@]+"${extra[@]}"} ${BENCH_ARGS:-} "$@" &
 tool=$!
 rc=0
 wait "$tool" || rc=$?
