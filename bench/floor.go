@@ -17,7 +17,7 @@ import (
 func startFloor(ctx context.Context, o options, svc *runningService, jwksPath string) (*runningService, error) {
 	dsn := withParams(o.dsn, o.dbParams)
 	if !strings.Contains(o.dbParams, "pool_max_conns") {
-		n, err := serviceMetric(svc.addr, "threeds_db_pool_max_conns")
+		n, err := svc.metric("threeds_db_pool_max_conns")
 		if err != nil {
 			return nil, fmt.Errorf("reading the service's pool size for the floor: %w", err)
 		}
@@ -26,20 +26,22 @@ func startFloor(ctx context.Context, o options, svc *runningService, jwksPath st
 	}
 	fl, err := startServer(ctx, serverSpec{name: "floor", bin: o.floor, dsn: dsn, log: o.floorLog, dir: o.dir}, jwksPath)
 	if err != nil {
-		return nil, err
+		return fl, err
 	}
 	logf("floor pid %d on %s", fl.pid(), fl.addr)
 	return fl, nil
 }
 
-// serviceMetric reads one unlabelled sample from the service's /metrics.
-func serviceMetric(addr, name string) (int64, error) {
+// metric reads one unlabelled sample from the service's /metrics.
+func (s *runningService) metric(name string) (int64, error) {
 	client := &http.Client{Timeout: 5 * time.Second}
-	resp, err := client.Get("http://" + addr + "/metrics")
+	resp, err := client.Get("http://" + s.addr + "/metrics")
 	if err != nil {
 		return 0, err
 	}
+	s.responses.Add(1)
 	defer resp.Body.Close()
+	defer client.CloseIdleConnections()
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {

@@ -7,6 +7,8 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -22,6 +24,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +50,8 @@ type options struct {
 	serviceArgs string
 	floor       string
 	floorLog    string
+	compare     string
+	compareName string
 	rounds      int
 	direct      bool
 }
@@ -77,7 +82,9 @@ func main() {
 	flag.StringVar(&o.dbParams, "db-params", "", "extra query parameters for the service's DATABASE_URL, e.g. pool_max_conns=8&default_query_exec_mode=exec")
 	flag.Var(&o.serviceEnv, "env", "extra NAME=VALUE for the service's environment (repeatable), e.g. GOGC=50")
 	flag.StringVar(&o.scenarios, "scenarios", "page1,page3,heavy", "comma-separated subset of page1, page3, heavy")
-	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where the service's stdout (one JSON access-log line per request) goes")
+	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where a copy of the service's stdout (one JSON access-log line per request) goes; the bench reads it through a pipe, as a container runtime does, and counts the lines")
+	flag.StringVar(&o.compare, "compare", "", "a second build of the service (bench/run.sh builds BENCH_COMPARE=REV into it), measured in the same rounds: before/after in one run")
+	flag.StringVar(&o.compareName, "compare-name", "before", "its name in the table")
 	flag.Parse()
 	if o.dsn == "" {
 		fmt.Fprintln(os.Stderr, "bench: -db or DATABASE_URL is required")
@@ -160,23 +167,14 @@ func run(ctx context.Context, o options) (bool, error) {
 	}
 
 	b := &bench{o: o, ctx: ctx, tokens: m.tokens, postmaster: readPostmaster(o.pgPIDFile)}
-	svc, err := startServer(ctx, serverSpec{
-		name: "service", bin: o.service, args: strings.Fields(o.serviceArgs),
-		dsn: withParams(o.dsn, o.dbParams), env: o.serviceEnv, log: o.serviceLog, dir: o.dir,
-	}, jwksPath)
+	svc, err := b.startServers(jwksPath)
+	defer func() {
+		for _, s := range b.servers {
+			s.stop()
+		}
+	}()
 	if err != nil {
 		return false, err
-	}
-	defer svc.stop()
-	b.servers = append(b.servers, svc)
-	logf("service pid %d on %s", svc.pid(), svc.addr)
-	if o.floor != "" {
-		fl, err := startFloor(ctx, o, svc, jwksPath)
-		if err != nil {
-			return false, err
-		}
-		defer fl.stop()
-		b.servers = append(b.servers, fl)
 	}
 
 	time.Sleep(time.Second)
@@ -185,7 +183,9 @@ func run(ctx context.Context, o options) (bool, error) {
 	// a first signature check that an earlier round did not.
 	for _, s := range b.servers {
 		start := time.Now()
-		if res := primeTokens(ctx, s.addr, m.tokens, o.concurrency); res.errs+res.non2xx > 0 {
+		res := primeTokens(ctx, s.addr, m.tokens, o.concurrency)
+		s.responses.Add(int64(len(res.lat)))
+		if res.errs+res.non2xx > 0 {
 			return false, fmt.Errorf("priming the %s's token cache: %d errors, %d non-2xx, first %q", s.name, res.errs, res.non2xx, res.firstErr)
 		}
 		logf("%s: every token verified once (%d requests) in %s", s.name, len(m.tokens), time.Since(start).Round(time.Millisecond))
@@ -212,6 +212,10 @@ func run(ctx context.Context, o options) (bool, error) {
 	mem := memReport{idleKiB: idleKiB}
 	mem.afterKiB, _ = memKiB(svc.pid(), "VmRSS")
 	mem.peakKiB, _ = memKiB(svc.pid(), "VmHWM")
+	// SIGTERM, then every access-log line the service wrote must be there.
+	for _, s := range b.servers {
+		s.stop()
+	}
 
 	printReport(os.Stdout, o, pgVersion, b.servers, results, mem)
 	ok := true
@@ -225,8 +229,13 @@ func run(ctx context.Context, o options) (bool, error) {
 			ok = false
 		}
 	}
+	for _, s := range b.servers {
+		if s.countsLog && s.logLines.Load() != s.responses.Load() {
+			ok = false
+		}
+	}
 	if !ok {
-		fmt.Println("\nFAILED: non-2xx answers or transport/SQL errors (see the table); the service log is in -service-log")
+		fmt.Println("\nFAILED: non-2xx answers, transport/SQL errors or missing access-log lines (see above); the service log is in -service-log")
 	}
 	return ok, nil
 }
@@ -281,19 +290,68 @@ type runningService struct {
 	cmd  *exec.Cmd
 	addr string
 	done chan error
+
+	// countsLog: the bench reads its stdout and counts access-log lines
+	// (the service and -compare, not the floor, which logs nothing).
+	countsLog bool
+	logLines  atomic.Int64  // lines with "msg":"request"
+	logDone   chan struct{} // closed at the end of its stdout
+	responses atomic.Int64  // HTTP responses the bench received from it
+
+	stopped bool
+	exitErr error // how it exited after stop
 }
 
 func (s *runningService) pid() int { return s.cmd.Process.Pid }
 
+// startServers starts the service, the floor (-floor) and the second build
+// (-compare), in that order in b.servers, and returns the service.
+func (b *bench) startServers(jwksPath string) (*runningService, error) {
+	o := b.o
+	service := func(name, bin string, args []string) (*runningService, error) {
+		s, err := startServer(b.ctx, serverSpec{
+			name: name, bin: bin, args: args, dsn: withParams(o.dsn, o.dbParams),
+			env: o.serviceEnv, log: o.serviceLog, countLog: true, dir: o.dir,
+		}, jwksPath)
+		if s != nil {
+			b.servers = append(b.servers, s) // stopped by run, however it ends
+		}
+		if err == nil {
+			logf("%s pid %d on %s", name, s.pid(), s.addr)
+		}
+		return s, err
+	}
+	svc, err := service("service", o.service, strings.Fields(o.serviceArgs))
+	if err != nil {
+		return nil, err
+	}
+	if o.floor != "" {
+		fl, err := startFloor(b.ctx, o, svc, jwksPath)
+		if fl != nil {
+			b.servers = append(b.servers, fl)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if o.compare != "" {
+		if _, err := service(o.compareName, o.compare, nil); err != nil {
+			return nil, err
+		}
+	}
+	return svc, nil
+}
+
 // serverSpec is one HTTP server the bench runs: the service or the floor.
 type serverSpec struct {
-	name string
-	bin  string
-	args []string
-	dsn  string
-	env  []string
-	log  string // where its stdout goes
-	dir  string // the pid file NAME.pid goes here, for bench/run.sh's cleanup
+	name     string
+	bin      string
+	args     []string
+	dsn      string
+	env      []string
+	log      string // where (a copy of) its stdout goes
+	countLog bool   // read its stdout through a pipe and count access-log lines
+	dir      string // the pid file NAME.pid goes here, for bench/run.sh's cleanup
 }
 
 // startServer runs spec on a free loopback port with the bench's keys and
@@ -317,16 +375,37 @@ func startServer(ctx context.Context, spec serverSpec, jwksPath string) (*runnin
 		"LISTEN_ADDR=" + addr,
 		"SHUTDOWN_TIMEOUT=5s",
 	}, spec.env...)
-	cmd.Stdout = out
+	s := &runningService{name: spec.name, cmd: cmd, addr: addr, done: make(chan error, 1), countsLog: spec.countLog, logDone: make(chan struct{})}
+	var stdout io.ReadCloser
+	if spec.countLog {
+		if stdout, err = cmd.StdoutPipe(); err != nil {
+			out.Close()
+			return nil, err
+		}
+	} else {
+		cmd.Stdout = out
+		close(s.logDone)
+	}
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = childAttr()
 	if err := cmd.Start(); err != nil {
 		out.Close()
 		return nil, fmt.Errorf("start %s: %w", spec.bin, err)
 	}
-	out.Close()
-	s := &runningService{name: spec.name, cmd: cmd, addr: addr, done: make(chan error, 1)}
-	go func() { s.done <- cmd.Wait() }()
+	if stdout != nil {
+		go func() {
+			defer close(s.logDone)
+			defer out.Close()
+			countLines(stdout, out, &s.logLines)
+		}()
+	} else {
+		out.Close()
+	}
+	go func() {
+		// Wait closes the pipe, so the reader must have seen its end first.
+		<-s.logDone
+		s.done <- cmd.Wait()
+	}()
 	if spec.dir != "" {
 		_ = os.WriteFile(filepath.Join(spec.dir, spec.name+".pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o644)
 	}
@@ -336,14 +415,15 @@ func startServer(ctx context.Context, spec serverSpec, jwksPath string) (*runnin
 	for {
 		select {
 		case err := <-s.done:
-			return nil, fmt.Errorf("the %s exited before it was ready: %v", spec.name, err)
+			s.done <- err
+			return s, fmt.Errorf("the %s exited before it was ready: %v", spec.name, err)
 		case <-ctx.Done():
-			s.stop()
-			return nil, ctx.Err()
+			return s, ctx.Err()
 		case <-time.After(100 * time.Millisecond):
 		}
 		resp, err := client.Get("http://" + addr + "/readyz")
 		if err == nil {
+			s.responses.Add(1)
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -352,23 +432,44 @@ func startServer(ctx context.Context, spec serverSpec, jwksPath string) (*runnin
 			}
 		}
 		if time.Now().After(deadline) {
-			s.stop()
-			return nil, fmt.Errorf("the %s was not ready within 30s", spec.name)
+			return s, fmt.Errorf("the %s was not ready within 30s", spec.name)
+		}
+	}
+}
+
+// countLines copies r to w line by line and counts the access-log lines.
+func countLines(r io.Reader, w io.Writer, n *atomic.Int64) {
+	br := bufio.NewReaderSize(r, 64<<10)
+	start := true // at the start of a line
+	for {
+		chunk, err := br.ReadSlice('\n')
+		if len(chunk) > 0 {
+			_, _ = w.Write(chunk)
+			if start && bytes.Contains(chunk, []byte(`"msg":"request"`)) {
+				n.Add(1)
+			}
+			start = chunk[len(chunk)-1] == '\n'
+		}
+		if err != nil && err != bufio.ErrBufferFull {
+			return
 		}
 	}
 }
 
 // stop sends SIGTERM, as Kubernetes would, and kills after a grace period.
+// It returns once the process has exited and its stdout has been read to the
+// end; calling it again does nothing.
 func (s *runningService) stop() {
-	if s.cmd.ProcessState != nil {
+	if s.stopped {
 		return
 	}
+	s.stopped = true
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-s.done:
+	case s.exitErr = <-s.done:
 	case <-time.After(10 * time.Second):
 		_ = s.cmd.Process.Kill()
-		<-s.done
+		s.exitErr = <-s.done
 	}
 }
 

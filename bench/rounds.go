@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"runtime"
 	"slices"
 	"time"
@@ -86,7 +87,7 @@ func (b *bench) sample(target *runningService) cpuSample {
 // too, but an idle backend publishes its last second of statistics only ten
 // seconds later.)
 func (b *bench) poolAcquires() int64 {
-	n, err := serviceMetric(b.servers[0].addr, "threeds_db_pool_acquire_total")
+	n, err := b.servers[0].metric("threeds_db_pool_acquire_total")
 	if err != nil {
 		return -1
 	}
@@ -135,10 +136,40 @@ func (s *sideStats) countFailures(res *phaseResult) {
 type scenarioResult struct {
 	sc        scenario
 	sides     []*sideStats // in b.servers' order
-	ratios    []float64    // service ÷ floor req/s, one per round
-	sqlPerReq float64      // the service's queries per request (-1: unknown)
+	ratios    []*ratioSeries
+	sqlPerReq float64 // the service's queries per request (-1: unknown)
 	direct    *phaseResult
 	directCPU cpuSample
+}
+
+// ratioSeries is a ÷ b in req/s, one value per round (the two phases of a
+// round are seconds apart, so a drift in other load cancels out).
+type ratioSeries struct {
+	a, b     int // indexes in b.servers
+	perRound []float64
+}
+
+// comparisons are the ratios a run reports: each build of the service ÷ the
+// floor, and the service ÷ the -compare build.
+func (b *bench) comparisons() []*ratioSeries {
+	floor := -1
+	for i, s := range b.servers {
+		if !s.countsLog {
+			floor = i
+		}
+	}
+	var out []*ratioSeries
+	for i, s := range b.servers {
+		if s.countsLog && floor >= 0 {
+			out = append(out, &ratioSeries{a: i, b: floor})
+		}
+	}
+	for i := 1; i < len(b.servers); i++ {
+		if b.servers[i].countsLog {
+			out = append(out, &ratioSeries{a: 0, b: i})
+		}
+	}
+	return out
 }
 
 // measureScenario runs o.rounds rounds. Each round loads every server in
@@ -147,19 +178,17 @@ type scenarioResult struct {
 // so a drift in the machine's other load favours neither. The ratio of a
 // round compares two phases a few seconds apart.
 func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
-	r := &scenarioResult{sc: sc}
+	r := &scenarioResult{sc: sc, ratios: b.comparisons()}
 	for _, s := range b.servers {
 		r.sides = append(r.sides, &sideStats{name: s.name})
 	}
 	a0 := b.poolAcquires()
 	var requests int // the service's, warm-ups included
 	for round := range b.o.rounds {
+		// Rotate who goes first: with two servers, simply alternate.
 		order := make([]int, len(b.servers))
 		for i := range order {
-			order[i] = i
-		}
-		if round%2 == 1 {
-			slices.Reverse(order)
+			order[i] = (i + round) % len(order)
 		}
 		roundSeed := seed*1000 + uint64(round)
 		for _, i := range order {
@@ -170,6 +199,7 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 			if b.o.warmup > 0 {
 				w := httpLoad(b.ctx, s.addr, sc, b.tokens, b.o.concurrency, b.o.warmup, roundSeed+500)
 				r.sides[i].countFailures(w)
+				s.responses.Add(int64(len(w.lat)))
 				if i == 0 {
 					requests += len(w.lat)
 				}
@@ -177,17 +207,20 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 			c0 := b.sample(s)
 			res := httpLoad(b.ctx, s.addr, sc, b.tokens, b.o.concurrency, b.o.duration, roundSeed)
 			r.sides[i].add(res, b.sample(s).sub(c0))
+			s.responses.Add(int64(len(res.lat)))
 			if i == 0 {
 				requests += len(res.lat)
 			}
 		}
-		if len(r.sides) > 1 {
-			r.ratios = append(r.ratios, r.sides[0].rates[round]/r.sides[1].rates[round])
-			logf("%s, round %d/%d: service %.0f req/s, floor %.0f req/s, ratio %.3f",
-				sc.name, round+1, b.o.rounds, r.sides[0].rates[round], r.sides[1].rates[round], r.ratios[round])
-		} else {
-			logf("%s, round %d/%d: service %.0f req/s", sc.name, round+1, b.o.rounds, r.sides[0].rates[round])
+		line := fmt.Sprintf("%s, round %d/%d:", sc.name, round+1, b.o.rounds)
+		for i, s := range b.servers {
+			line += fmt.Sprintf(" %s %.0f req/s,", s.name, r.sides[i].rates[round])
 		}
+		for _, q := range r.ratios {
+			q.perRound = append(q.perRound, r.sides[q.a].rates[round]/r.sides[q.b].rates[round])
+			line += fmt.Sprintf(" %s÷%s %.3f", b.servers[q.a].name, b.servers[q.b].name, q.perRound[round])
+		}
+		logf("%s", line)
 	}
 	for i, s := range b.servers {
 		r.sides[i].peakKiB, _ = memKiB(s.pid(), "VmHWM")

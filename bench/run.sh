@@ -15,6 +15,9 @@
 # (TestServeForProfile in bench_test.go) and get its CPU profile under the
 # bench's load in FILE (go tool pprof FILE); the release binary has no
 # profiling endpoint.
+# Set BENCH_COMPARE=REV (a commit, branch or tag) to build that revision too
+# and measure it in the same rounds as the working tree: before/after in one
+# run, e.g. BENCH_COMPARE=HEAD with an uncommitted change.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -29,7 +32,7 @@ cleanup() {
 	cleaned=1
 	# The bench tool stops the service itself (and the kernel kills it if the
 	# tool dies: Pdeathsig); this is for a tool killed before it could.
-	for f in "$tmp/service.pid" "$tmp/floor.pid"; do
+	for f in "$tmp"/*.pid; do
 		if [ -f "$f" ]; then
 			kill -TERM "$(cat "$f")" 2>/dev/null || true
 		fi
@@ -65,6 +68,14 @@ if [ -n "${BENCH_CPUPROFILE:-}" ]; then
 	service=$tmp/threeds-records.test
 	extra+=(-env THREEDS_SERVE_FOR_PROFILE=1
 		-service-args "-test.run=^TestServeForProfile\$ -test.cpuprofile=$BENCH_CPUPROFILE")
+fi
+
+if [ -n "${BENCH_COMPARE:-}" ]; then
+	say "building $BENCH_COMPARE ($(git rev-parse --short "$BENCH_COMPARE")) to compare with the working tree"
+	mkdir "$tmp/compare-src"
+	git archive "$BENCH_COMPARE" | tar -x -C "$tmp/compare-src"
+	(cd "$tmp/compare-src" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$tmp/compare" .)
+	extra+=(-compare "$tmp/compare" -compare-name "$(git rev-parse --short "$BENCH_COMPARE")")
 fi
 
 floor_dir=${FLOOR_DIR:-$root/../shared/floor}
