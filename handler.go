@@ -28,13 +28,14 @@ type server struct {
 	store    *Store
 	verifier *Verifier
 	logger   *slog.Logger
+	access   *slog.Logger // the access log: buffered, see accesslog.go
 	metrics  *metrics
 	draining atomic.Bool
 }
 
 // newServer registers every route in one place.
 func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger}
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger, access: slog.New(accessHandler(logger))}
 	s.metrics = newMetrics(store, verifier)
 	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(handleMyRecords(store, logger)))
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
@@ -102,7 +103,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if info.authReject != "" {
 		attrs = append(attrs, slog.String("auth_reject", info.authReject))
 	}
-	s.logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+	s.access.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
 }
 
 // requestID keeps a caller's id when it is short and printable, so a

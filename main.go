@@ -213,7 +213,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
+	// Access-log lines are written in batches (accesslog.go); Close writes
+	// out the last of them however run returns, after the server has drained.
+	logger, logOut := newBufferedLogger(stdout, cfg.logLevel)
+	defer logOut.Close()
 
 	pool, err := pgxpool.NewWithConfig(ctx, cfg.poolConfig)
 	if err != nil {

@@ -1,0 +1,193 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+)
+
+func TestTheLogBufferWritesLinesOnlyWhenItMust(t *testing.T) {
+	type step struct {
+		write string // a line to write, or
+		flush bool   // Flush, or
+		close bool   // Close
+	}
+	tests := []struct {
+		name  string
+		size  int
+		steps []step
+		want  string
+	}{
+		{"a line waits in the buffer", 64, []step{{write: "a\n"}, {write: "b\n"}}, ""},
+		{"a flush writes what is buffered", 64, []step{{write: "a\n"}, {write: "b\n"}, {flush: true}}, "a\nb\n"},
+		{"a line that would not fit writes out the earlier ones first", 4, []step{{write: "a\n"}, {write: "b\n"}, {write: "c\n"}}, "a\nb\n"},
+		{"a line longer than the buffer goes out whole, after the earlier ones", 4, []step{{write: "a\n"}, {write: "longer\n"}}, "a\nlonger\n"},
+		{"close writes what is buffered", 64, []step{{write: "a\n"}, {close: true}}, "a\n"},
+		{"after close a line goes straight out", 64, []step{{close: true}, {write: "late\n"}}, "late\n"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out syncBuffer
+			b := newLogBuffer(&out, tt.size, time.Hour)
+			defer b.Close()
+			for _, s := range tt.steps {
+				switch {
+				case s.flush:
+					b.Flush()
+				case s.close:
+					b.Close()
+				default:
+					if n, err := b.Write([]byte(s.write)); n != len(s.write) || err != nil {
+						t.Fatalf("Write(%q) = %d, %v", s.write, n, err)
+					}
+				}
+			}
+			if got := out.String(); got != tt.want {
+				t.Errorf("output %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestTheLogBufferWritesALineOutByItselfAfterTheDelay(t *testing.T) {
+	var out syncBuffer
+	b := newLogBuffer(&out, 1<<10, 20*time.Millisecond)
+	defer b.Close()
+	for _, line := range []string{"first\n", "second\n"} {
+		_, _ = b.Write([]byte(line))
+		// The delay is 20ms; the bound only keeps a broken timer from hanging.
+		waitFor(t, 5*time.Second, "the line "+strings.TrimSpace(line), func() bool { return strings.Contains(out.String(), line) })
+	}
+	if got := out.String(); got != "first\nsecond\n" {
+		t.Errorf("output %q", got)
+	}
+}
+
+func TestConcurrentLogLinesAreNeverCutOrLost(t *testing.T) {
+	var out syncBuffer
+	b := newLogBuffer(&out, 256, time.Millisecond)
+	const writers, lines = 8, 500
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range lines {
+				_, _ = fmt.Fprintf(b, "writer %d line %03d %s\n", w, i, strings.Repeat("x", i%40))
+			}
+		}()
+	}
+	wg.Wait()
+	b.Close()
+	want := map[string]bool{}
+	for w := range writers {
+		for i := range lines {
+			want[fmt.Sprintf("writer %d line %03d %s", w, i, strings.Repeat("x", i%40))] = true
+		}
+	}
+	got := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
+	if len(got) != len(want) {
+		t.Fatalf("%d lines, want %d", len(got), len(want))
+	}
+	for _, l := range got {
+		if !want[l] {
+			t.Fatalf("a cut, mixed or repeated line: %q", l)
+		}
+		delete(want, l)
+	}
+}
+
+func TestEveryLogLineButTheAccessLogIsWrittenAtOnceAndInOrder(t *testing.T) {
+	var out syncBuffer
+	logger, buf := newBufferedLogger(&out, slog.LevelInfo)
+	defer buf.Close()
+	access := slog.New(accessHandler(logger))
+
+	logger.Info("listening")
+	if !strings.Contains(out.String(), `"msg":"listening"`) {
+		t.Fatalf("the start-up line is held back: %q", out.String())
+	}
+	access.Info("request", "n", 1)
+	if strings.Contains(out.String(), `"msg":"request"`) {
+		t.Fatalf("the access line was not buffered: %q", out.String())
+	}
+	logger.With("component", "store").Error("list records failed")
+	var msgs []string
+	for _, l := range out.logLines(t) {
+		msgs = append(msgs, fmt.Sprint(l["msg"]))
+	}
+	if want := []string{"listening", "request", "list records failed"}; fmt.Sprint(msgs) != fmt.Sprint(want) {
+		t.Errorf("lines %q, want %q: an error line writes out the access lines before it", msgs, want)
+	}
+}
+
+// The access log is buffered; SIGTERM must still leave one line per request
+// on stdout, the last ones included.
+func TestSIGTERMLeavesEveryAccessLogLineOnStdout(t *testing.T) {
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	key := newTestKey(t, jwa.RS256, "log-buffer", 0)
+	idp := newJWKSServer(t, key.publicJWK(t, false))
+	bin := startBinary(t, serviceEnv(dsn, idp.URL))
+	waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, bin.base+"/readyz", "").code == http.StatusOK })
+
+	token := key.token(t, validClaims("1001"))
+	const requests = 300
+	for i := range requests {
+		path, tok := "/3ds/my-records", token
+		if i%3 == 0 {
+			path, tok = "/healthz", ""
+		}
+		if a := fetch(opsClient, http.MethodGet, bin.base+path, tok, fmt.Sprintf("sigterm-%d", i)); a.err != nil || a.code != http.StatusOK {
+			t.Fatalf("request %d: %d %v", i, a.code, a.err)
+		}
+	}
+	// At once: the last lines are still in the buffer (the flush delay is
+	// far from over).
+	if err := bin.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-bin.exited:
+		if bin.exitErr != nil {
+			t.Fatalf("exit: %v", bin.exitErr)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the binary did not exit after SIGTERM")
+	}
+	got := map[string]int{}
+	for _, l := range bin.stdout.logLines(t) {
+		if l["msg"] == "request" {
+			got[fmt.Sprint(l["request_id"])]++
+		}
+	}
+	for i := range requests {
+		if id := fmt.Sprintf("sigterm-%d", i); got[id] != 1 {
+			t.Errorf("%d access lines for %s, want 1", got[id], id)
+		}
+	}
+}
+
+// Without a signal, a request's line reaches stdout by itself.
+func TestAnAccessLogLineReachesStdoutWithoutShutdown(t *testing.T) {
+	dsn := newTestDB(t)
+	key := newTestKey(t, jwa.RS256, "log-buffer", 0)
+	idp := newJWKSServer(t, key.publicJWK(t, false))
+	bin := startBinary(t, serviceEnv(dsn, idp.URL))
+	if a := fetch(opsClient, http.MethodGet, bin.base+"/healthz", "", "unprompted-1"); a.err != nil || a.code != http.StatusOK {
+		t.Fatalf("healthz: %d %v", a.code, a.err)
+	}
+	// The line is due within logFlushDelay (500ms); the bound is generous
+	// for a loaded machine, and the benchmark is where timing is measured.
+	waitFor(t, 5*time.Second, "the access line", func() bool {
+		return bytes.Contains([]byte(bin.stdout.String()), []byte(`"request_id":"unprompted-1"`))
+	})
+}
