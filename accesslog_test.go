@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -189,5 +191,64 @@ func TestAnAccessLogLineReachesStdoutWithoutShutdown(t *testing.T) {
 	// for a loaded machine, and the benchmark is where timing is measured.
 	waitFor(t, 5*time.Second, "the access line", func() bool {
 		return bytes.Contains([]byte(bin.stdout.String()), []byte(`"request_id":"unprompted-1"`))
+	})
+}
+
+// logAccess must write what Logger.LogAttrs writes, time aside.
+func TestTheAccessLineIsTheSameAsLogAttrsWouldWrite(t *testing.T) {
+	attrs := accessAttrsForTest()
+	var viaLogger, direct syncBuffer
+	noTime := &slog.HandlerOptions{ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		if a.Key == slog.TimeKey {
+			return slog.Attr{}
+		}
+		return a
+	}}
+	slog.New(slog.NewJSONHandler(&viaLogger, noTime)).LogAttrs(context.Background(), slog.LevelInfo, "request", attrs...)
+	s := &server{access: slog.New(slog.NewJSONHandler(&direct, noTime))}
+	s.logAccess(context.Background(), attrs)
+	if viaLogger.String() != direct.String() || direct.String() == "" {
+		t.Errorf("logAccess wrote %q, LogAttrs %q", direct.String(), viaLogger.String())
+	}
+	// Below the level, nothing.
+	var quiet syncBuffer
+	s = &server{access: slog.New(slog.NewJSONHandler(&quiet, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	s.logAccess(context.Background(), attrs)
+	if quiet.String() != "" {
+		t.Errorf("LOG_LEVEL=warn still wrote %q", quiet.String())
+	}
+}
+
+func accessAttrsForTest() []slog.Attr {
+	return []slog.Attr{
+		slog.String("method", "GET"),
+		slog.String("route", "GET /3ds/my-records"),
+		slog.String("path", "/3ds/my-records"),
+		slog.Int("status", 200),
+		slog.Int64("bytes", 3552),
+		slog.Float64("duration_ms", 1.234),
+		slog.String("request_id", "0123456789abcdef0123456789abcdef"),
+		slog.Int64("user_id", 1001),
+	}
+}
+
+// BenchmarkAccessLogLine is the access-log call of every request, to a
+// discarded output: through Logger.LogAttrs (before) and logAccess (after).
+func BenchmarkAccessLogLine(b *testing.B) {
+	attrs := accessAttrsForTest()
+	ctx := context.Background()
+	logger := slog.New(slog.NewJSONHandler(io.Discard, nil))
+	b.Run("Logger.LogAttrs", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			logger.LogAttrs(ctx, slog.LevelInfo, "request", attrs...)
+		}
+	})
+	b.Run("logAccess", func(b *testing.B) {
+		s := &server{access: logger}
+		b.ReportAllocs()
+		for b.Loop() {
+			s.logAccess(ctx, attrs)
+		}
 	})
 }

@@ -103,7 +103,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if info.authReject != "" {
 		attrs = append(attrs, slog.String("auth_reject", info.authReject))
 	}
-	s.access.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+	s.logAccess(r.Context(), attrs)
 }
 
 // requestID keeps a caller's id when it is short and printable, so a
