@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync"
@@ -249,6 +251,126 @@ func BenchmarkAccessLogLine(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			s.logAccess(ctx, attrs)
+		}
+	})
+	b.Run("logAccess/accessJSONHandler", func(b *testing.B) {
+		s := &server{access: slog.New(accessJSONHandler{logger.Handler(), io.Discard})}
+		b.ReportAllocs()
+		for b.Loop() {
+			s.logAccess(ctx, attrs)
+		}
+	})
+}
+
+// writeBoth hands r to a JSONHandler and to accessJSONHandler and returns
+// both outputs, and whether the fast path took r.
+func writeBoth(t testing.TB, r slog.Record) (want, got string, fast bool) {
+	t.Helper()
+	var viaJSON, viaFast bytes.Buffer
+	if err := slog.NewJSONHandler(&viaJSON, nil).Handle(context.Background(), r.Clone()); err != nil {
+		t.Fatal(err)
+	}
+	h := accessJSONHandler{slog.NewJSONHandler(&viaFast, nil), &viaFast}
+	if err := h.Handle(context.Background(), r.Clone()); err != nil {
+		t.Fatal(err)
+	}
+	_, fast = appendPlainRecord(nil, r.Clone())
+	return viaJSON.String(), viaFast.String(), fast
+}
+
+func TestTheFastPathWritesWhatJSONHandlerWrites(t *testing.T) {
+	at := time.Date(2026, 12, 1, 1, 12, 20, 123456789, time.UTC)
+	tests := []struct {
+		name     string
+		time     time.Time
+		level    slog.Level
+		msg      string
+		attrs    []slog.Attr
+		wantFast bool
+	}{
+		{"the access line of a page", at, slog.LevelInfo, "request", accessAttrsForTest(), true},
+		{"a refused token", at, slog.LevelInfo, "request", []slog.Attr{slog.Int("status", 401), slog.String("auth_reject", "expired"), slog.Float64("duration_ms", 0)}, true},
+		{"a local time zone and no fraction", time.Date(2026, 1, 2, 3, 4, 5, 0, time.FixedZone("X", -(5*3600+30*60))), slog.LevelInfo, "request", nil, true},
+		{"other levels", at, slog.LevelWarn + 2, "request", []slog.Attr{slog.Bool("b", true), slog.Uint64("u", 1<<63)}, true},
+		{"small, large, negative and zero floats", at, slog.LevelInfo, "m", []slog.Attr{slog.Float64("a", 0.000001), slog.Float64("b", 9.99e20), slog.Float64("c", -12.5), slog.Float64("d", math.Copysign(0, -1)), slog.Float64("e", 1234.567)}, true},
+		{"a float JSON writes with an exponent", at, slog.LevelInfo, "m", []slog.Attr{slog.Float64("d", 1e-7)}, false},
+		{"a huge float", at, slog.LevelInfo, "m", []slog.Attr{slog.Float64("d", 1e21)}, false},
+		{"NaN", at, slog.LevelInfo, "m", []slog.Attr{slog.Float64("d", math.NaN())}, false},
+		{"infinity", at, slog.LevelInfo, "m", []slog.Attr{slog.Float64("d", math.Inf(-1))}, false},
+		{"a path with a quote", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", `/a"b`)}, false},
+		{"a path with a backslash", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", `/a\b`)}, false},
+		{"a path with a control byte", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", "/a\x01b")}, false},
+		{"a path with invalid UTF-8", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", "/a\xffb")}, false},
+		{"a path with U+2028", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", "/a\u2028b")}, false},
+		{"HTML characters", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", "/<a>&b")}, true},
+		{"DEL", at, slog.LevelInfo, "request", []slog.Attr{slog.String("path", "/a\x7fb")}, false},
+		{"a key that needs escaping", at, slog.LevelInfo, "m", []slog.Attr{slog.Int("a\"b", 1)}, false},
+		{"an empty key", at, slog.LevelInfo, "m", []slog.Attr{slog.Int("", 1)}, false},
+		{"an empty attribute", at, slog.LevelInfo, "m", []slog.Attr{{}}, false},
+		{"a message that needs escaping", at, slog.LevelInfo, "line\nbreak", nil, false},
+		{"a duration", at, slog.LevelInfo, "m", []slog.Attr{slog.Duration("d", time.Second)}, false},
+		{"a time", at, slog.LevelInfo, "m", []slog.Attr{slog.Time("t", at)}, false},
+		{"a group", at, slog.LevelInfo, "m", []slog.Attr{slog.Group("g", slog.Int("a", 1))}, false},
+		{"an error", at, slog.LevelInfo, "m", []slog.Attr{slog.Any("error", fmt.Errorf("x"))}, false},
+		{"no time", time.Time{}, slog.LevelInfo, "m", nil, false},
+		{"a year past 9999", time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC), slog.LevelInfo, "m", nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := slog.NewRecord(tt.time, tt.level, tt.msg, 0)
+			r.AddAttrs(tt.attrs...)
+			want, got, fast := writeBoth(t, r)
+			if got != want {
+				t.Errorf("fast path wrote\n%s\nJSONHandler\n%s", got, want)
+			}
+			if fast != tt.wantFast {
+				t.Errorf("fast path taken: %v, want %v", fast, tt.wantFast)
+			}
+		})
+	}
+}
+
+func TestTheFastPathMatchesJSONHandlerOnRandomRecords(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	alphabet := []string{"a", "Z", "0", "/", " ", "<", "&", "\"", "\\", "\n", "\x00", "\x7f", "\xff", "é", "\u2028", "%", "~"}
+	randString := func() string {
+		var b strings.Builder
+		for range rng.IntN(12) {
+			b.WriteString(alphabet[rng.IntN(len(alphabet))])
+		}
+		return b.String()
+	}
+	for i := range 3000 {
+		r := slog.NewRecord(time.Unix(rng.Int64N(1<<34), rng.Int64N(1e9)), slog.Level(rng.IntN(16)-4), randString(), 0)
+		for range rng.IntN(10) {
+			key := randString()
+			switch rng.IntN(5) {
+			case 0:
+				r.AddAttrs(slog.String(key, randString()))
+			case 1:
+				r.AddAttrs(slog.Int64(key, rng.Int64()-rng.Int64()))
+			case 2:
+				r.AddAttrs(slog.Float64(key, math.Float64frombits(rng.Uint64())))
+			case 3:
+				r.AddAttrs(slog.Float64(key, float64(rng.IntN(1e7))/1000))
+			default:
+				r.AddAttrs(slog.Bool(key, rng.IntN(2) == 0))
+			}
+		}
+		if want, got, _ := writeBoth(t, r); got != want {
+			t.Fatalf("record %d: fast path wrote\n%s\nJSONHandler\n%s", i, got, want)
+		}
+	}
+}
+
+func FuzzTheFastPathMatchesJSONHandler(f *testing.F) {
+	f.Add("path", "/3ds/my-records", 1.234, int64(200))
+	f.Add("p\"", "\xff", 1e-7, int64(-1))
+	f.Fuzz(func(t *testing.T, key, value string, fl float64, n int64) {
+		r := slog.NewRecord(time.Unix(n%(1<<34), 0), slog.LevelInfo, value, 0)
+		r.AddAttrs(slog.String(key, value), slog.Float64(key, fl), slog.Int64(key, n))
+		if want, got, _ := writeBoth(t, r); got != want {
+			t.Fatalf("fast path wrote\n%s\nJSONHandler\n%s", got, want)
 		}
 	})
 }
