@@ -88,7 +88,10 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	elapsed := time.Since(info.start)
 	s.metrics.observe(route, rec.status, elapsed)
-	attrs := []slog.Attr{
+	// Room for the optional attributes below, so appending them does not
+	// copy the slice.
+	attrs := make([]slog.Attr, 0, 9)
+	attrs = append(attrs,
 		slog.String("method", r.Method),
 		slog.String("route", route),
 		slog.String("path", r.URL.Path),
@@ -96,7 +99,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		slog.Int64("bytes", rec.bytes),
 		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 		slog.String("request_id", info.requestID),
-	}
+	)
 	if info.userID != 0 {
 		attrs = append(attrs, slog.Int64("user_id", info.userID))
 	}
