@@ -228,26 +228,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return serve(ctx, cfg, NewStore(pool, cfg.queryTimeout), logger)
 }
 
-// runMigrate retries for a while: as a Kubernetes Job it may start before
-// the database accepts connections.
-func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Logger) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	for {
-		err := store.Migrate(ctx)
-		if err == nil {
-			logger.Info("schema applied", "database", redactedURL(cfg.poolConfig))
-			return nil
-		}
-		logger.Warn("migrate failed; retrying", "error", err.Error())
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("migrate: %w", err)
-		case <-time.After(2 * time.Second):
-		}
-	}
-}
-
 func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) error {
 	verifier := NewVerifier(cfg.auth, logger)
 	defer verifier.Close()
