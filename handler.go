@@ -6,11 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
 	"path"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -312,23 +312,26 @@ func intParam(q url.Values, name string, def, lo, hi int) (int, error) {
 		return def, nil
 	}
 	bad := errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
-	// Leading zeros do not change the value; the length guard that keeps n
-	// from overflowing applies to the significant digits only.
-	s := strings.TrimLeft(vals[0], "0")
-	if len(s) > 10 {
-		return 0, bad
-	}
-	n := 0
+	// The value is built in int64 whatever the size of int, and a digit that
+	// would take it past int64 stops the loop: where int is 32 bits, an int
+	// accumulator wrapped page=4294967297 round to page 1. Leading zeros only
+	// keep n at 0, so they are allowed at any length.
+	s := vals[0]
+	var n int64
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
 			return 0, bad
 		}
-		n = n*10 + int(s[i]-'0')
+		d := int64(s[i] - '0')
+		if n > (math.MaxInt64-d)/10 {
+			return 0, bad
+		}
+		n = n*10 + d
 	}
-	if n < lo || n > hi {
+	if n < int64(lo) || n > int64(hi) {
 		return 0, bad
 	}
-	return n, nil
+	return int(n), nil
 }
 
 func handleHealthz(w http.ResponseWriter, r *http.Request) {

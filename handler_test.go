@@ -6,6 +6,10 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -397,6 +401,16 @@ func TestParsePaging(t *testing.T) {
 		{"page_size=100", 1, 100, true},
 		{"page_size=101", 0, 0, false},
 		{"page=１", 0, 0, false}, // a full-width digit
+		{"page=00", 0, 0, false},
+		{"page=" + strings.Repeat("0", 40) + "2", 2, 20, true},
+		// Ten significant digits, past int32: a 32-bit int accumulator
+		// wrapped these round to page 1 and page size 20.
+		{"page=4294967297", 0, 0, false},
+		{"page=0004294967297", 0, 0, false},
+		{"page_size=4294967316", 0, 0, false},
+		{"page=9223372036854775807", 0, 0, false},  // the largest int64
+		{"page=9223372036854775808", 0, 0, false},  // one past it
+		{"page=18446744073709551617", 0, 0, false}, // 2^64+1 wraps to 1 in 64 bits
 	} {
 		page, size, err := parsePaging(tc.query)
 		if (err == nil) != tc.ok || page != tc.page || size != tc.size {
@@ -430,5 +444,89 @@ func TestReadinessStaysUpWhileEveryConnectionIsBusy(t *testing.T) {
 	release()
 	if code := <-done; code != http.StatusOK {
 		t.Errorf("the blocked request ended with %d", code)
+	}
+}
+
+// build386 compiles the service for GOARCH=386, where int is 32 bits (the
+// build cache makes every build after the first one a link).
+func build386(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "threeds-records-386")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=386")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("GOARCH=386 go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestPagingIsParsedTheSameWhereIntIs32Bits runs the real binary built for
+// 386: a 64-bit test binary cannot show an overflow of a 32-bit int.
+func TestPagingIsParsedTheSameWhereIntIs32Bits(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the service for GOARCH=386")
+	}
+	if runtime.GOOS != "linux" || (runtime.GOARCH != "amd64" && runtime.GOARCH != "386") {
+		t.Skipf("%s/%s cannot run a linux/386 binary", runtime.GOOS, runtime.GOARCH)
+	}
+	bin := build386(t)
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	key := newTestKey(t, jwa.ES256, "svc386", 0)
+	env := serviceEnv(dsn, newJWKSServer(t, key.publicJWK(t, false)).URL)
+
+	cmd := exec.Command(bin)
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	var stdout, stderr syncBuffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		// A 64-bit kernel without IA-32 emulation refuses the binary.
+		t.Skipf("this machine does not run linux/386 binaries: %v", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-exited })
+	var base string
+	waitFor(t, 15*time.Second, "the 386 binary's listening line", func() bool {
+		var ok bool
+		if base, ok = stdout.listeningBase(t); ok {
+			return true
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("the 386 binary exited early: %v; stderr %s", err, stderr.String())
+		default:
+		}
+		return false
+	})
+	waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, base+"/readyz", "").code == http.StatusOK })
+
+	token := key.token(t, validClaims("1001"))
+	for _, tc := range []struct {
+		name, query string
+		status      int
+		page, size  int
+	}{
+		{"the largest page is still a page", "page=2147483647", http.StatusOK, 2147483647, 20},
+		{"page 2^32+1 is out of range, not page 1", "page=4294967297", http.StatusBadRequest, 0, 0},
+		{"page size 2^32+20 is out of range, not 20", "page_size=4294967316", http.StatusBadRequest, 0, 0},
+		{"2^64+1 is out of range, not page 1", "page=18446744073709551617", http.StatusBadRequest, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := mustFetch(t, opsClient, base+"/3ds/my-records?"+tc.query, token)
+			if a.code != tc.status {
+				t.Fatalf("status %d, want %d: %s", a.code, tc.status, a.body)
+			}
+			if tc.status != http.StatusOK {
+				assertErrorBody(t, a.header, a.body)
+				return
+			}
+			p := decodePage(t, &http.Response{StatusCode: a.code}, a.body)
+			if p.Data.Page != tc.page || p.Data.PageSize != tc.size {
+				t.Errorf("page %d size %d, want %d and %d", p.Data.Page, p.Data.PageSize, tc.page, tc.size)
+			}
+		})
 	}
 }
