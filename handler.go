@@ -19,6 +19,10 @@ const (
 	defaultPageSize = 20
 	maxPageSize     = 100
 	maxPage         = 1<<31 - 1
+
+	// statusClientClosedRequest is logged and counted, never sent: the
+	// client is gone.
+	statusClientClosedRequest = 499
 )
 
 // server is the whole HTTP surface. It is an http.Handler; draining flips
@@ -84,6 +88,12 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if rec.status == 0 {
 		rec.status = http.StatusOK
+		if errors.Is(r.Context().Err(), context.Canceled) {
+			// A handler that answered nothing because its client went
+			// away: nginx's 499, so that dashboards and the alert on 500s
+			// tell a user closing the app from a failure here.
+			rec.status = statusClientClosedRequest
+		}
 	}
 	elapsed := time.Since(info.start)
 	s.metrics.observe(route, rec.status, elapsed)
@@ -268,6 +278,14 @@ func handleMyRecords(store *Store, logger *slog.Logger) http.HandlerFunc {
 		records, total, err := store.ListRecords(r.Context(), userID, page, pageSize)
 		info.dbDur = time.Since(start)
 		if err != nil {
+			if errors.Is(r.Context().Err(), context.Canceled) {
+				// The client (or the gateway) gave up and closed the
+				// connection, which cancelled the query: not a server error,
+				// and nobody is left to read an answer. ServeHTTP logs and
+				// counts it as 499. A DB_QUERY_TIMEOUT is a deadline on the
+				// store's own context, so it still gets the 500 below.
+				return
+			}
 			logger.LogAttrs(r.Context(), slog.LevelError, "list records failed",
 				slog.String("request_id", info.requestID), slog.String("error", err.Error()))
 			writeError(w, r, http.StatusInternalServerError, "internal_error",

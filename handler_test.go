@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -526,6 +529,117 @@ func TestPagingIsParsedTheSameWhereIntIs32Bits(t *testing.T) {
 			p := decodePage(t, &http.Response{StatusCode: a.code}, a.body)
 			if p.Data.Page != tc.page || p.Data.PageSize != tc.size {
 				t.Errorf("page %d size %d, want %d and %d", p.Data.Page, p.Data.PageSize, tc.page, tc.size)
+			}
+		})
+	}
+}
+
+// accessLine is the access log line of the request with this X-Request-ID.
+func accessLine(t testing.TB, out *syncBuffer, requestID string) (map[string]any, bool) {
+	t.Helper()
+	for _, l := range out.logLines(t) {
+		if l["msg"] == "request" && l["request_id"] == requestID {
+			return l, true
+		}
+	}
+	return nil, false
+}
+
+func TestAClientThatGivesUpIsA499AtInfoAndADatabaseTimeoutA500AtError(t *testing.T) {
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	admin := newTestPool(t, dsn, nil)
+	key := newTestKey(t, jwa.ES256, "ops", 0)
+	jwksURL := newJWKSServer(t, key.publicJWK(t, false)).URL
+	token := key.token(t, validClaims("1001"))
+
+	for _, tc := range []struct {
+		name          string
+		queryTimeout  string
+		clientGivesUp bool
+		status        int
+		errorLine     bool // the cause at ERROR, beside the access line (always INFO)
+	}{
+		// The client leaves long before DB_QUERY_TIMEOUT: nothing failed on
+		// this side, and the alert on 500s must not page anyone for it.
+		{"a client that gives up while the table is locked", "30s", true, 499, false},
+		{"a database that does not answer within DB_QUERY_TIMEOUT", "500ms", false, http.StatusInternalServerError, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv(dsn, jwksURL)
+			env["DB_QUERY_TIMEOUT"] = tc.queryTimeout
+			rs := startRun(t, env)
+			waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, rs.base+"/readyz", "").code == http.StatusOK })
+
+			release := lockRecords(t, dsn)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			const requestID = "gives-up-1"
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, rs.base+"/3ds/my-records", nil)
+			req.Header.Set("Authorization", "Bearer "+token)
+			req.Header.Set("X-Request-ID", requestID)
+			answered := make(chan answer, 1)
+			go func() {
+				resp, err := opsClient.Do(req)
+				if err != nil {
+					answered <- answer{err: err}
+					return
+				}
+				defer resp.Body.Close()
+				body, _ := io.ReadAll(resp.Body)
+				answered <- answer{code: resp.StatusCode, header: resp.Header, body: body}
+			}()
+			if tc.clientGivesUp {
+				waitFor(t, 10*time.Second, "the page query to wait on the lock", func() bool { return serviceBackends(t, admin, true) == 1 })
+				cancel()
+			}
+			a := <-answered
+			if tc.clientGivesUp && !errors.Is(a.err, context.Canceled) {
+				t.Fatalf("the client's request ended with %d %v, want its own cancellation", a.code, a.err)
+			}
+			if !tc.clientGivesUp && a.code != tc.status {
+				t.Fatalf("status %d %v, want %d", a.code, a.err, tc.status)
+			}
+
+			var line map[string]any
+			waitFor(t, 10*time.Second, "the access log line", func() bool {
+				var ok bool
+				line, ok = accessLine(t, rs.stdout, requestID)
+				return ok
+			})
+			if line["status"] != float64(tc.status) || line["level"] != "INFO" {
+				t.Errorf("access line has status %v at %v, want %d at INFO: %v", line["status"], line["level"], tc.status, line)
+			}
+			var errorLines []map[string]any
+			for _, l := range rs.stdout.logLines(t) {
+				if l["level"] == "ERROR" {
+					errorLines = append(errorLines, l)
+				}
+			}
+			if tc.errorLine && (len(errorLines) != 1 || errorLines[0]["msg"] != "list records failed" || errorLines[0]["request_id"] != requestID) {
+				t.Errorf("want one ERROR line \"list records failed\" for %s, got %v", requestID, errorLines)
+			}
+			if !tc.errorLine && len(errorLines) != 0 {
+				t.Errorf("want no ERROR line, got %v", errorLines)
+			}
+
+			m := scrapeMetrics(t, rs.base)
+			for _, code := range []int{499, http.StatusInternalServerError} {
+				want := 0.0
+				if code == tc.status {
+					want = 1
+				}
+				got := 0.0
+				if s, ok := m.find("threeds_http_requests_total", "route", "GET /3ds/my-records", "code", strconv.Itoa(code)); ok {
+					got = s.value
+				}
+				if got != want {
+					t.Errorf("threeds_http_requests_total{code=%q} = %v, want %v", strconv.Itoa(code), got, want)
+				}
+			}
+			release()
+			if err := rs.stop(t); err != nil {
+				t.Errorf("run: %v", err)
 			}
 		})
 	}
