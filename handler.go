@@ -34,13 +34,22 @@ type server struct {
 	logger   *slog.Logger
 	metrics  *metrics
 	draining atomic.Bool
+	// limit is MAX_IN_FLIGHT, shared by the API routes.
+	limit *inFlightLimit
 }
 
 // newServer registers every route in one place.
-func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger}
+func newServer(store *Store, verifier *Verifier, logger *slog.Logger, opts ...serverOption) *server {
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger,
+		limit: newInFlightLimit(defaultMaxInFlight)}
+	for _, o := range opts {
+		o(s)
+	}
 	s.metrics = newMetrics(store, verifier)
-	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(handleMyRecords(store, logger)))
+	s.metrics.limit = s.limit
+	// The limit comes first so that a shed request costs no token check;
+	// only the API routes get it (see inFlightLimit.wrap).
+	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)

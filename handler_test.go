@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -642,5 +643,133 @@ func TestAClientThatGivesUpIsA499AtInfoAndADatabaseTimeoutA500AtError(t *testing
 				t.Errorf("run: %v", err)
 			}
 		})
+	}
+}
+
+func TestMaxInFlightIsAPositiveIntegerOrTheStartFails(t *testing.T) {
+	for _, tc := range []struct {
+		value string
+		want  int // 0: a config error naming MAX_IN_FLIGHT
+	}{
+		{"", defaultMaxInFlight},
+		{"1", 1},
+		{"064", 64},
+		{"1000000", 1000000},
+		{"0", 0},
+		{"-1", 0},
+		{"+8", 0},
+		{"8 ", 0},
+		{"1.5", 0},
+		{"1e3", 0},
+		{"lots", 0},
+		{"1000001", 0},
+		{"99999999999999999999", 0},
+	} {
+		name := fmt.Sprintf("%q gives %d", tc.value, tc.want)
+		if tc.want == 0 {
+			name = fmt.Sprintf("%q is refused", tc.value)
+		}
+		t.Run(name, func(t *testing.T) {
+			env := serviceEnv("postgres://u@127.0.0.1:5432/db", "https://idp.test/jwks")
+			env["MAX_IN_FLIGHT"] = tc.value
+			cfg, err := loadConfig(envFunc(env), false)
+			if tc.want == 0 {
+				var ce *configError
+				if !errors.As(err, &ce) || ce.name != "MAX_IN_FLIGHT" {
+					t.Fatalf("loadConfig = %v, want a configError naming MAX_IN_FLIGHT", err)
+				}
+				return
+			}
+			if err != nil || cfg.maxInFlight != tc.want {
+				t.Fatalf("loadConfig: max in flight %v, err %v; want %d", cfg, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestBeyondMaxInFlightAnAPIRequestIsShedAtOnceAndProbesStillAnswer stalls
+// the database with a table lock: the first MAX_IN_FLIGHT requests park
+// (two on the pool's connections, one waiting for a connection), the next
+// one is a 503 with Retry-After without waiting, and the probes and
+// /metrics keep answering; once the lock goes, every parked request
+// completes.
+func TestBeyondMaxInFlightAnAPIRequestIsShedAtOnceAndProbesStillAnswer(t *testing.T) {
+	const maxInFlight = 3
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	key := newTestKey(t, jwa.ES256, "ops", 0)
+	env := serviceEnv(withPoolSize(t, dsn, 2), newJWKSServer(t, key.publicJWK(t, false)).URL)
+	env["MAX_IN_FLIGHT"] = strconv.Itoa(maxInFlight)
+	env["DB_QUERY_TIMEOUT"] = "60s" // the lock, not the deadline, decides
+	admin := newTestPool(t, dsn, nil)
+	rs := startRun(t, env)
+	waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, rs.base+"/readyz", "").code == http.StatusOK })
+	token := key.token(t, validClaims("1001"))
+	api := rs.base + "/3ds/my-records"
+
+	release := lockRecords(t, dsn)
+	parked := make(chan answer, maxInFlight)
+	for range maxInFlight {
+		go func() { parked <- fetch(opsClient, http.MethodGet, api, token, "") }()
+	}
+	waitFor(t, 10*time.Second, "MAX_IN_FLIGHT requests to park", func() bool {
+		return scrapeMetrics(t, rs.base).value(t, "threeds_http_in_flight") == maxInFlight &&
+			serviceBackends(t, admin, true) == 2
+	})
+
+	// A fresh connection, as a new client's would be; the bound is
+	// generous (a parked request waits for the lock, i.e. forever).
+	shed := fetch(freshConnClient, http.MethodGet, api, token, "over-the-limit")
+	if shed.err != nil || shed.code != http.StatusServiceUnavailable {
+		t.Fatalf("request %d: %d %v %s, want a 503 at once", maxInFlight+1, shed.code, shed.err, shed.body)
+	}
+	assertErrorBody(t, shed.header, shed.body)
+	if s, err := strconv.Atoi(shed.header.Get("Retry-After")); err != nil || s < 1 {
+		t.Errorf("Retry-After = %q, want a number of seconds", shed.header.Get("Retry-After"))
+	}
+	t.Logf("shed after %s", shed.took)
+
+	for _, path := range []string{"/healthz", "/readyz", "/metrics", "/openapi.json"} {
+		for range maxInFlight + 2 {
+			if a := fetch(freshConnClient, http.MethodGet, rs.base+path, "", ""); a.err != nil || a.code != http.StatusOK {
+				t.Errorf("%s while the API is full: %d %v %s", path, a.code, a.err, a.body)
+			}
+		}
+	}
+	select {
+	case a := <-parked:
+		t.Fatalf("a parked request ended while the table was locked: %d %v %s", a.code, a.err, a.body)
+	default:
+	}
+
+	release()
+	for range maxInFlight {
+		if a := <-parked; a.err != nil || a.code != http.StatusOK || !bytes.Contains(a.body, []byte(opsPasscode)) {
+			t.Errorf("a parked request after the lock was released: %d %v %s", a.code, a.err, a.body)
+		}
+	}
+	if a := mustFetch(t, opsClient, api, token); a.code != http.StatusOK {
+		t.Errorf("after the stall: %d %s", a.code, a.body)
+	}
+
+	m := scrapeMetrics(t, rs.base)
+	for _, c := range []struct {
+		name  string
+		kv    []string
+		value float64
+	}{
+		{"threeds_http_requests_total", []string{"route", "GET /3ds/my-records", "code", "503"}, 1},
+		{"threeds_http_requests_total", []string{"route", "GET /3ds/my-records", "code", "200"}, maxInFlight + 1},
+		{"threeds_http_shed_total", nil, 1},
+		{"threeds_http_in_flight", nil, 0},
+		{"threeds_http_max_in_flight", nil, maxInFlight},
+	} {
+		if got := m.value(t, c.name, c.kv...); got != c.value {
+			t.Errorf("%s%v = %v, want %v", c.name, c.kv, got, c.value)
+		}
+	}
+	line, ok := accessLine(t, rs.stdout, "over-the-limit")
+	if !ok || line["status"] != float64(http.StatusServiceUnavailable) || line["level"] != "INFO" {
+		t.Errorf("access line of the shed request: %v", line)
 	}
 }

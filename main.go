@@ -57,6 +57,7 @@ type config struct {
 	shutdownDelay   time.Duration
 	queryTimeout    time.Duration
 	logLevel        slog.Level
+	maxInFlight     int
 }
 
 // loadConfig reads every variable of the contract. migrateOnly asks for the
@@ -145,6 +146,9 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 		// SIGTERM-to-exit (terminationGracePeriodSeconds is sized from it);
 		// a delay that uses it all up would leave no time to drain.
 		return nil, &configError{"SHUTDOWN_DELAY", "must be shorter than SHUTDOWN_TIMEOUT"}
+	}
+	if c.maxInFlight, err = maxInFlightVar(getenv); err != nil {
+		return nil, err
 	}
 	return c, nil
 }
@@ -251,7 +255,7 @@ func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Log
 func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) error {
 	verifier := NewVerifier(cfg.auth, logger)
 	defer verifier.Close()
-	srv := newServer(store, verifier, logger)
+	srv := newServer(store, verifier, logger, withMaxInFlight(cfg.maxInFlight))
 
 	ln, err := net.Listen("tcp", cfg.listenAddr)
 	if err != nil {
