@@ -23,10 +23,11 @@ import (
 //     twice the p99: a burst is absorbed, and a request that waits longer
 //     than that is better told to retry (on another replica) at once.
 //   - During a database stall every admitted request parks until
-//     DB_QUERY_TIMEOUT (3 s); without a limit that is rate × 3 s requests
-//     (18,000 at the bench rate). With it, 64 park, each holding a goroutine
-//     and its buffers, a few MiB in all (make soak measures it), and the pool
-//     (4 connections) is far from the only place they can wait.
+//     DB_QUERY_TIMEOUT (3 s): without a limit that is rate × 3 s requests
+//     (18,000 at the bench rate), each holding a goroutine, its buffers and
+//     its connection. With it, 64 park, about 35 KiB each with their
+//     connection, 2 MiB in all (make soak's stall phase, 2026-12-01), and
+//     the rest are answered at once.
 //
 // Raise it with the measured rate × the latency you accept; the events
 // route has its own limits (STREAMS_MAX), and probes and /metrics are never
