@@ -80,6 +80,11 @@ type authConfig struct {
 	minRefreshGap time.Duration
 }
 
+// fetchTimeout bounds one JWKS load, background or forced: an identity
+// provider that accepts the connection and never answers must not hold the
+// refresh (and the requests waiting on a forced one) for long.
+const fetchTimeout = 5 * time.Second
+
 // Verifier checks bearer tokens against a JWK Set it keeps fresh in the
 // background. The set is swapped atomically, so verification never waits on a
 // fetch except when a token names a kid the service has not seen.
@@ -88,15 +93,31 @@ type Verifier struct {
 	logger *slog.Logger
 	load   func(ctx context.Context) ([]byte, error)
 	now    func() time.Time
+	// source names where the keys come from in log lines: JWKS_URL with its
+	// user-info and query string redacted, or the JWKS_FILE path.
+	source string
 
 	keys atomic.Pointer[keyring]
 
-	refreshMu   sync.Mutex
-	lastRefresh time.Time
-	lastRaw     []byte
+	// refreshMu serialises loads and installs, so a slow older response can
+	// never replace a newer set.
+	refreshMu sync.Mutex
+	lastRaw   []byte
 
+	// bg lives until Close: the background loop and every forced refresh run
+	// on it, never on a client's request context, so a client that goes away
+	// cannot cancel a fetch other requests depend on.
+	bg             context.Context
 	stopBackground context.CancelFunc
 	done           chan struct{}
+
+	// The forced refresh for unknown kids (refreshForUnknownKid): at most one
+	// in flight, shared by every request waiting on it.
+	forcedMu       sync.Mutex
+	forced         chan struct{} // closed when the refresh in flight ends; nil when none
+	nextForced     time.Time     // earliest start of the next forced refresh
+	forcedFailures int           // consecutive failed forced refreshes
+	forcedWG       sync.WaitGroup
 
 	rejections    [numReasons]atomic.Int64
 	refreshOK     atomic.Int64
@@ -120,21 +141,27 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 	}
 	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{}), tokens: newTokenCache(maxCachedTokens)}
 	if cfg.jwksFile != "" {
+		v.source = "JWKS_FILE=" + cfg.jwksFile
 		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
 	} else {
-		client := &http.Client{Timeout: 5 * time.Second}
+		v.source = "JWKS_URL=" + redactedJWKSURL(cfg.jwksURL)
+		client := &http.Client{Timeout: fetchTimeout}
 		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	v.stopBackground = cancel
-	go v.refreshLoop(ctx)
+	v.bg, v.stopBackground = context.WithCancel(context.Background())
+	go v.refreshLoop(v.bg)
 	return v
 }
 
-// Close stops the background refresh and waits for it to finish.
+// Close stops the background refresh and any forced refresh in flight, and
+// waits for them to finish.
 func (v *Verifier) Close() {
+	// Under forcedMu, so no forced refresh can start once Close has begun.
+	v.forcedMu.Lock()
 	v.stopBackground()
+	v.forcedMu.Unlock()
 	<-v.done
+	v.forcedWG.Wait()
 }
 
 // Ready reports whether a key set has been loaded.
@@ -155,7 +182,7 @@ func (v *Verifier) refreshLoop(ctx context.Context) {
 	defer close(v.done)
 	retry := 250 * time.Millisecond
 	for {
-		v.refresh(ctx)
+		v.refresh(ctx, "schedule")
 		wait := v.cfg.refreshEvery
 		if !v.Ready() {
 			wait = retry
@@ -169,30 +196,20 @@ func (v *Verifier) refreshLoop(ctx context.Context) {
 	}
 }
 
-// refresh loads the set once and installs it if it parses.
-func (v *Verifier) refresh(ctx context.Context) {
+// refresh loads the set once and installs it if it parses; it reports
+// whether the load worked (an unchanged set counts as working). cause is a
+// log field: "schedule" or "unknown_kid".
+func (v *Verifier) refresh(ctx context.Context, cause string) bool {
 	v.refreshMu.Lock()
 	defer v.refreshMu.Unlock()
-	v.refreshLocked(ctx)
-}
-
-// refreshForUnknownKid forces a refresh unless one happened within
-// minRefreshGap. Callers are serialised on refreshMu, so a flood of lookups
-// that queued behind a running refresh finds it fresh and shares its result.
-func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
-	v.refreshMu.Lock()
-	defer v.refreshMu.Unlock()
-	if v.now().Sub(v.lastRefresh) >= v.cfg.minRefreshGap {
-		v.refreshLocked(ctx)
-	}
-}
-
-func (v *Verifier) refreshLocked(ctx context.Context) {
-	v.lastRefresh = v.now()
+	// The timeout starts once the lock is held: time spent queued behind
+	// another load must not eat this one's budget.
+	ctx, cancel := context.WithTimeout(ctx, fetchTimeout)
+	defer cancel()
 	raw, err := v.load(ctx)
 	if err == nil && v.Ready() && bytes.Equal(raw, v.lastRaw) {
 		v.refreshOK.Add(1)
-		return
+		return true
 	}
 	var kr *keyring
 	if err == nil {
@@ -200,24 +217,94 @@ func (v *Verifier) refreshLocked(ctx context.Context) {
 	}
 	if err != nil {
 		v.refreshFailed.Add(1)
-		if ctx.Err() == nil {
+		// Quiet only at shutdown; a timed-out forced refresh is worth a line.
+		if v.bg.Err() == nil {
 			v.logger.Warn("jwks refresh failed; keeping the last good keys",
-				"error", err.Error(), "keys", v.KeyCount())
+				"source", v.source, "cause", cause, "error", err.Error(), "keys", v.KeyCount())
 		}
-		return
+		return false
 	}
 	v.refreshOK.Add(1)
 	v.lastRaw = raw
 	if old := v.keys.Swap(kr); old != nil {
 		close(old.replaced)
 	}
-	v.logger.Info("jwks loaded", "keys", len(kr.byKid), "skipped", kr.skipped)
+	v.logger.Info("jwks loaded", "source", v.source, "cause", cause, "keys", len(kr.byKid), "skipped", kr.skipped)
+	return true
+}
+
+// refreshForUnknownKid forces a refresh when a token names a kid the set
+// does not have, and waits for it until ctx ends.
+//
+// An attacker can send made-up kids at will, so:
+//   - the refresh runs on the verifier's context, not the client's: a client
+//     that disconnects stops waiting, the fetch goes on, and the next real
+//     token signed with a rotated key finds it installed;
+//   - one refresh at a time, shared by every request that arrives while it
+//     runs (single flight);
+//   - after a refresh that worked, the next may start only minRefreshGap
+//     later: random kids must not turn this service into a load generator
+//     against the identity provider. The gap counts from completion, and
+//     only forced refreshes count (the periodic loop has its own cadence);
+//   - after one that failed, the next may start sooner (failureBackoff), so
+//     a blip does not keep a rotated key out for the full gap.
+func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
+	v.forcedMu.Lock()
+	done := v.forced
+	if done == nil {
+		if v.bg.Err() != nil || v.now().Before(v.nextForced) {
+			v.forcedMu.Unlock()
+			return
+		}
+		done = make(chan struct{})
+		v.forced = done
+		v.forcedWG.Add(1)
+		go v.runForcedRefresh(done)
+	}
+	v.forcedMu.Unlock()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+func (v *Verifier) runForcedRefresh(done chan struct{}) {
+	defer v.forcedWG.Done()
+	ok := v.refresh(v.bg, "unknown_kid")
+	v.forcedMu.Lock()
+	if ok {
+		v.forcedFailures = 0
+		v.nextForced = v.now().Add(v.cfg.minRefreshGap)
+	} else {
+		v.forcedFailures++
+		v.nextForced = v.now().Add(failureBackoff(v.cfg.minRefreshGap, v.forcedFailures))
+	}
+	v.forced = nil
+	v.forcedMu.Unlock()
+	close(done)
+}
+
+// failureBackoff is how long after the n-th consecutive failed forced
+// refresh the next may start: a tenth of the gap, doubling, capped at the
+// gap (0.5 s, 1 s, 2 s, 4 s, then 5 s with the default 5 s). The first retry
+// comes soon, because a single failure is usually a blip (a reset
+// connection, an identity-provider pod restarting) and a user with a token
+// from a rotated key is waiting on it; an identity provider that stays down
+// is back at the normal rate of one forced fetch per gap after four
+// failures, so random kids can add at most a handful of extra fetches to
+// an outage.
+func failureBackoff(gap time.Duration, n int) time.Duration {
+	d := gap / 10
+	for i := 1; i < n && d < gap; i++ {
+		d *= 2
+	}
+	return min(d, gap)
 }
 
 const maxJWKSBytes = 1 << 20
 
-func fetchJWKS(ctx context.Context, client *http.Client, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+func fetchJWKS(ctx context.Context, client *http.Client, rawURL string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return nil, fmt.Errorf("fetch jwks: %w", err)
 	}
