@@ -14,7 +14,9 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -78,12 +80,19 @@ type authConfig struct {
 	// service into a load generator against the identity provider).
 	refreshEvery  time.Duration
 	minRefreshGap time.Duration
+
+	// transport carries the JWKS fetches; nil means http.DefaultTransport.
+	// Only tests set it, to trust an httptest TLS server's certificate.
+	transport http.RoundTripper
 }
 
 // fetchTimeout bounds one JWKS load, background or forced: an identity
 // provider that accepts the connection and never answers must not hold the
 // refresh (and the requests waiting on a forced one) for long.
 const fetchTimeout = 5 * time.Second
+
+// maxJWKSRedirects is how many same-origin redirects a fetch follows.
+const maxJWKSRedirects = 5
 
 // Verifier checks bearer tokens against a JWK Set it keeps fresh in the
 // background. The set is swapped atomically, so verification never waits on a
@@ -145,7 +154,7 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
 	} else {
 		v.source = "JWKS_URL=" + redactedJWKSURL(cfg.jwksURL)
-		client := &http.Client{Timeout: fetchTimeout}
+		client := &http.Client{Timeout: fetchTimeout, Transport: cfg.transport, CheckRedirect: sameOriginRedirect}
 		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
 	}
 	v.bg, v.stopBackground = context.WithCancel(context.Background())
@@ -306,12 +315,12 @@ const maxJWKSBytes = 1 << 20
 func fetchJWKS(ctx context.Context, client *http.Client, rawURL string) ([]byte, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -319,12 +328,62 @@ func fetchJWKS(ctx context.Context, client *http.Client, rawURL string) ([]byte,
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSBytes+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	if len(body) > maxJWKSBytes {
 		return nil, errors.New("fetch jwks: body over 1 MiB")
 	}
 	return body, nil
+}
+
+// redactURLError rebuilds the *url.Error that net/http returns with the URL
+// redacted. Its URL is the request's (net/http hides only the password, not
+// the user name or the query string, where some identity providers put an
+// API key) or, for a refused redirect, the raw Location header. Done here,
+// where the error is made, so no caller can log the raw form.
+func redactURLError(err error) error {
+	ue, ok := err.(*url.Error)
+	if !ok {
+		return err
+	}
+	inner := ue.Err
+	if strings.HasPrefix(inner.Error(), "failed to parse Location header") {
+		// net/http quotes the raw Location (twice, with the parse error)
+		// in the message of this one error: say what failed, not the value.
+		inner = errors.New("failed to parse the redirect's Location header")
+	}
+	return &url.Error{Op: ue.Op, URL: redactedJWKSURL(ue.URL), Err: inner}
+}
+
+// sameOriginRedirect follows a JWKS redirect only within the origin (scheme,
+// host, port) of JWKS_URL. A redirect elsewhere would let whoever controls
+// the first hop, or an open redirect at the identity provider, choose the
+// keys this service trusts; one from https to http would hand that choice to
+// anyone on the network path.
+func sameOriginRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) > maxJWKSRedirects {
+		return fmt.Errorf("jwks redirect refused: more than %d redirects", maxJWKSRedirects)
+	}
+	from, to := via[0].URL, req.URL
+	if strings.EqualFold(from.Scheme, "https") && !strings.EqualFold(to.Scheme, "https") {
+		return fmt.Errorf("jwks redirect refused: from https to %s", to.Scheme)
+	}
+	if origin(to) != origin(from) {
+		return fmt.Errorf("jwks redirect refused: %s is another origin than %s", origin(to), origin(from))
+	}
+	return nil
+}
+
+// origin is scheme://host:port with the default port spelled out, so
+// https://idp and https://idp:443 are the same origin. It holds no
+// user-info, path or query: it is safe in a log line.
+func origin(u *url.URL) string {
+	scheme := strings.ToLower(u.Scheme)
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[scheme]
+	}
+	return scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
 func readLimited(path string) ([]byte, error) {

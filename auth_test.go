@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -653,6 +655,201 @@ func TestRandomKidsForceAtMostOneFetchPerGap(t *testing.T) {
 				if d := fetches[i].Sub(fetches[i-1]); d < tc.spacing(i-1) {
 					t.Errorf("fetch %d started %s after the previous one, want at least %s", i+1, d, tc.spacing(i-1))
 				}
+			}
+		})
+	}
+}
+
+// Secrets an operator may put in JWKS_URL: user-info and an API key in the
+// query string (some identity providers want one).
+const (
+	jwksPassword = "hunter2pw"
+	jwksAPIKey   = "SECRETKEY123"
+)
+
+// withSecrets is base (scheme://host:port) with user-info, a path and an
+// API key in the query string.
+func withSecrets(base string) string {
+	return strings.Replace(base, "://", "://jwksuser:"+jwksPassword+"@", 1) + "/jwks?api_key=" + jwksAPIKey
+}
+
+// firstLine is the first line of out that contains substr.
+func firstLine(out, substr string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, substr) {
+			return l
+		}
+	}
+	return ""
+}
+
+// closedPort is an address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr
+}
+
+// Issue 8 item 4. A failed fetch used to log net/http's *url.Error, whose
+// URL keeps JWKS_URL's query string; and a line about a failed status did
+// not say which URL failed. Every line must show the redacted URL, and
+// nothing secret.
+func TestJWKSFailuresLogTheRedactedURLAndNoSecret(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	serve := func(t *testing.T, h http.HandlerFunc) string {
+		s := httptest.NewServer(h)
+		t.Cleanup(s.Close)
+		return s.URL
+	}
+	cases := []struct {
+		name string
+		// setup returns the identity provider's scheme://host:port and, for
+		// a failure of a refresh forced by an unknown kid on a verifier that
+		// had keys, the outage to start once it has them.
+		setup func(t *testing.T) (base string, outage func())
+	}{
+		{"a closed port", func(t *testing.T) (string, func()) { return closedPort(t), nil }},
+		{"a server answering 500", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "boom", http.StatusInternalServerError)
+			}), nil
+		}},
+		{"a redirect to another origin with the key in the location", func(t *testing.T) (string, func()) {
+			other := newJWKSServer(t, key.publicJWK(t, false))
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				http.Redirect(w, r, other.URL+"/jwks?"+r.URL.RawQuery, http.StatusFound)
+			}), nil
+		}},
+		{"a redirect to an unparsable location with the key in it", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Location", "http://bad host/jwks?"+r.URL.RawQuery)
+				w.WriteHeader(http.StatusFound)
+			}), nil
+		}},
+		{"a same-origin redirect, with the key, to an answer of 500", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/jwks" {
+					http.Redirect(w, r, "/moved?"+r.URL.RawQuery, http.StatusFound)
+					return
+				}
+				http.Error(w, "boom", http.StatusInternalServerError)
+			}), nil
+		}},
+		{"a refresh forced by an unknown kid during an outage", func(t *testing.T) (string, func()) {
+			idp := newJWKSServer(t, key.publicJWK(t, false))
+			return idp.URL, func() { idp.down.Store(true) }
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			base, outage := tc.setup(t)
+			jwksURL := withSecrets(base)
+			redacted := redactedJWKSURL(jwksURL)
+			logs := &syncBuffer{}
+			v := NewVerifier(testAuthConfig(jwksURL), slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+			if outage != nil {
+				waitFor(t, 5*time.Second, "keys", v.Ready)
+				outage()
+				stranger := newTestKey(t, jwa.ES256, "unknown", 0)
+				callWith(v, "/", "Bearer "+stranger.token(t, validClaims("42")))
+			}
+			waitFor(t, 5*time.Second, "a failed load", func() bool { return v.refreshFailed.Load() >= 1 })
+			v.Close()
+
+			out := logs.String()
+			for _, secret := range []string{jwksPassword, jwksAPIKey} {
+				if strings.Contains(out, secret) {
+					t.Errorf("the log shows %q:\n%s", secret, out)
+				}
+			}
+			failures, forced := 0, 0
+			for _, line := range logs.logLines(t) {
+				if line["msg"] == "jwks refresh failed; keeping the last good keys" {
+					failures++
+					if line["cause"] == "unknown_kid" {
+						forced++
+					}
+				}
+				if !strings.Contains(fmt.Sprint(line), redacted) {
+					t.Errorf("a log line does not show the redacted URL %s: %v", redacted, line)
+				}
+			}
+			if failures == 0 || (outage != nil && forced == 0) {
+				t.Errorf("no failed refresh (forced: %v) was logged:\n%s", outage != nil, out)
+			}
+			t.Logf("a failure as logged: %s", firstLine(out, "jwks refresh failed"))
+		})
+	}
+}
+
+// A JWKS redirect is followed only within JWKS_URL's origin (scheme, host,
+// port): elsewhere, whoever controls the first hop (or an open redirect at
+// the identity provider) would choose the keys this service trusts, and a
+// step down from https to http would let anyone on the path choose them.
+func TestJWKSRedirectsAreFollowedOnlyWithinTheOrigin(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	// redirecting is an identity provider that moves /jwks to target
+	// (relative: within itself) and serves the keys at /keys.
+	redirecting := func(t *testing.T, tls bool, target func() string) *httptest.Server {
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/keys" {
+				_, _ = w.Write(jwksJSON(t, key.publicJWK(t, false)))
+				return
+			}
+			http.Redirect(w, r, target(), http.StatusFound)
+		})
+		s := httptest.NewUnstartedServer(h)
+		if tls {
+			s.StartTLS()
+		} else {
+			s.Start()
+		}
+		t.Cleanup(s.Close)
+		return s
+	}
+	cases := []struct {
+		name      string
+		tls       bool
+		elsewhere bool   // the redirect leaves for another server, which serves the keys
+		refusal   string // in the log when refused; "" when followed
+	}{
+		{"a redirect within an http origin is followed", false, false, ""},
+		{"a redirect within an https origin is followed", true, false, ""},
+		{"a redirect to another origin is refused", false, true, "is another origin than"},
+		{"a redirect from https to http is refused", true, true, "from https to http"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			other := newJWKSServer(t, key.publicJWK(t, false))
+			target := func() string { return "/keys" }
+			if tc.elsewhere {
+				target = func() string { return other.URL + "/jwks" }
+			}
+			idp := redirecting(t, tc.tls, target)
+			logs := &syncBuffer{}
+			cfg := testAuthConfig(idp.URL + "/jwks")
+			if tc.tls {
+				cfg.transport = idp.Client().Transport // trusts the test server's certificate
+			}
+			v := NewVerifier(cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+
+			if tc.refusal == "" {
+				waitFor(t, 5*time.Second, "keys through the redirect", v.Ready)
+				return
+			}
+			waitFor(t, 5*time.Second, "a load, failed or not", func() bool { return v.Ready() || v.refreshFailed.Load() >= 1 })
+			if v.Ready() || other.hits.Load() != 0 {
+				t.Errorf("ready=%v, other origin fetched %d times: the redirect was followed", v.Ready(), other.hits.Load())
+			}
+			if out := logs.String(); !strings.Contains(out, tc.refusal) {
+				t.Errorf("the log does not say the redirect was refused (%q):\n%s", tc.refusal, out)
 			}
 		})
 	}
