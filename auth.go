@@ -154,6 +154,12 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
 	} else {
 		v.source = "JWKS_URL=" + redactedJWKSURL(cfg.jwksURL)
+		if u, err := url.Parse(cfg.jwksURL); err == nil && strings.EqualFold(u.Scheme, "http") {
+			// Said once, here: the keys decide who is who, and over plain
+			// http anyone on the path can substitute their own.
+			logger.Warn("JWKS_URL is plain http: anyone on the network path can substitute the keys and forge tokens; use https",
+				"source", v.source)
+		}
 		client := &http.Client{Timeout: fetchTimeout, Transport: cfg.transport, CheckRedirect: sameOriginRedirect}
 		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
 	}

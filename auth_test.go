@@ -854,3 +854,49 @@ func TestJWKSRedirectsAreFollowedOnlyWithinTheOrigin(t *testing.T) {
 		})
 	}
 }
+
+// Over plain http anyone on the network path can substitute the keys: said
+// once, at start, not on every refresh.
+func TestAPlainHTTPJWKSURLIsWarnedAboutOnceAtStart(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	for _, tls := range []bool{false, true} {
+		name, want := "plain http is warned about once", 1
+		if tls {
+			name, want = "https is not warned about", 0
+		}
+		t.Run(name, func(t *testing.T) {
+			s := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				_, _ = w.Write(jwksJSON(t, key.publicJWK(t, false)))
+			}))
+			if tls {
+				s.StartTLS()
+			} else {
+				s.Start()
+			}
+			t.Cleanup(s.Close)
+			logs := &syncBuffer{}
+			cfg := testAuthConfig(s.URL + "/jwks?api_key=" + jwksAPIKey)
+			cfg.refreshEvery = 20 * time.Millisecond
+			if tls {
+				cfg.transport = s.Client().Transport
+			}
+			v := NewVerifier(cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+			waitFor(t, 5*time.Second, "five loads", func() bool { return v.refreshOK.Load() >= 5 })
+			v.Close()
+
+			warnings := 0
+			for _, line := range logs.logLines(t) {
+				if msg, _ := line["msg"].(string); strings.HasPrefix(msg, "JWKS_URL is plain http") {
+					warnings++
+					if line["level"] != "WARN" || line["source"] != "JWKS_URL="+redactedJWKSURL(cfg.jwksURL) {
+						t.Errorf("warning line %v: want level WARN and the redacted URL", line)
+					}
+				}
+			}
+			if warnings != want {
+				t.Errorf("%d plain-http warnings over five loads, want %d:\n%s", warnings, want, logs.String())
+			}
+		})
+	}
+}
