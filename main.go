@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -51,6 +52,7 @@ func (e *configError) Error() string { return e.name + ": " + e.msg }
 
 type config struct {
 	poolConfig      *pgxpool.Config
+	poolSizeFrom    string // poolSizeFromURL or poolSizeFromGOMAXPROCS
 	auth            authConfig
 	listenAddr      string
 	shutdownTimeout time.Duration
@@ -79,6 +81,11 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.poolConfig, err = pgxpool.ParseConfig(databaseURL); err != nil {
 		// The parse error may quote the URL, password included: say less.
 		return nil, &configError{"DATABASE_URL", "is not a valid PostgreSQL connection string or URL"}
+	}
+	c.poolSizeFrom = poolSizeFromURL
+	if !hasPoolMaxConns(databaseURL) {
+		c.poolConfig.MaxConns = defaultPoolSize(runtime.GOMAXPROCS(0))
+		c.poolSizeFrom = poolSizeFromGOMAXPROCS
 	}
 	rp := c.poolConfig.ConnConfig.RuntimeParams
 	if _, set := rp["statement_timeout"]; !set && !migrateOnly {
@@ -312,6 +319,8 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"leeway", cfg.auth.leeway.String(),
 		"db_query_timeout", cfg.queryTimeout.String(),
 		"db_pool_max_conns", cfg.poolConfig.MaxConns,
+		"db_pool_max_conns_from", cfg.poolSizeFrom,
+		"gomaxprocs", runtime.GOMAXPROCS(0),
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
 		"shutdown_delay", cfg.shutdownDelay.String(),
 		"log_level", cfg.logLevel.String(),

@@ -361,3 +361,54 @@ func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
 		t.Errorf("no access log line for the API request in:\n%s", logs)
 	}
 }
+
+func TestThePoolSizeFollowsGOMAXPROCSUnlessPoolMaxConnsIsSet(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "pool", 0)
+	jwks := newJWKSServer(t, key.publicJWK(t, false)).URL
+	// Nothing listens on port 1: the pool connects lazily, and the start
+	// line is all this test reads.
+	const url = "postgres://u@127.0.0.1:1/db"
+	cases := []struct {
+		name        string
+		gomaxprocs  string
+		databaseURL string
+		want        float64
+		wantFrom    string
+	}{
+		{"one CPU gets the floor of 4", "1", url, 4, "GOMAXPROCS"},
+		{"three CPUs get two connections each", "3", url, 6, "GOMAXPROCS"},
+		{"64 CPUs get the cap of 8, not 64", "64", url, 8, "GOMAXPROCS"},
+		{"pool_max_conns in a URL wins over GOMAXPROCS", "64", url + "?pool_max_conns=3", 3, "pool_max_conns"},
+		{"pool_max_conns in keyword/value form wins over GOMAXPROCS", "1", "host=127.0.0.1 port=1 user=u dbname=db pool_max_conns=20", 20, "pool_max_conns"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv(tc.databaseURL, jwks)
+			// Go reads GOMAXPROCS at process start, hence a process per case.
+			env["GOMAXPROCS"] = tc.gomaxprocs
+			b := startBinary(t, env)
+			var line map[string]any
+			for _, l := range b.stdout.logLines(t) {
+				if l["msg"] == "listening" {
+					line = l
+				}
+			}
+			if line["db_pool_max_conns"] != tc.want || line["db_pool_max_conns_from"] != tc.wantFrom {
+				t.Errorf("start line says db_pool_max_conns=%v from %v, want %v from %s (gomaxprocs %v)",
+					line["db_pool_max_conns"], line["db_pool_max_conns_from"], tc.want, tc.wantFrom, line["gomaxprocs"])
+			}
+			if tc.wantFrom == "GOMAXPROCS" && line["gomaxprocs"] != float64(mustAtoi(t, tc.gomaxprocs)) {
+				t.Errorf("start line says gomaxprocs=%v, want %s", line["gomaxprocs"], tc.gomaxprocs)
+			}
+		})
+	}
+}
+
+func mustAtoi(t testing.TB, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
