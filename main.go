@@ -254,7 +254,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
 
-	pool, err := pgxpool.NewWithConfig(ctx, cfg.poolConfig)
+	pool, err := newPool(ctx, cfg, logger)
 	if err != nil {
 		return fmt.Errorf("create pool: %w", err)
 	}
