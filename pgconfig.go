@@ -120,9 +120,9 @@ func (f *statementTimeoutFallback) TraceConnectEnd(_ context.Context, data pgx.T
 	}
 	// Several connections may be refused at once; one line says it all.
 	if f.refused.CompareAndSwap(false, true) {
-		f.logger.Warn("the database (a pooler such as PgBouncer) refused the statement_timeout startup parameter; connecting without it. "+
-			"DB_QUERY_TIMEOUT still ends each query on the service's side, but the server no longer stops a query the service has given up on",
+		f.logger.Warn("the database (a pooler such as PgBouncer) refused the statement_timeout startup parameter; connecting without it",
 			"refusal", refusalMessage(data.Err),
+			"effect", fmt.Sprintf("DB_QUERY_TIMEOUT (%s) still ends each query on the service's side, but the server no longer stops a query the service has given up on", f.timeout),
 			"fix", fmt.Sprintf("ALTER ROLE %s SET statement_timeout = '%dms' (on PostgreSQL) brings the server-side limit back; "+
 				"ignore_startup_parameters = statement_timeout in pgbouncer.ini only stops the refusal: PgBouncer then drops the value",
 				pgx.Identifier{f.role}.Sanitize(), f.timeout.Milliseconds()),
