@@ -208,7 +208,9 @@ func (v *Verifier) refreshLocked(ctx context.Context) {
 	}
 	v.refreshOK.Add(1)
 	v.lastRaw = raw
-	v.keys.Store(kr)
+	if old := v.keys.Swap(kr); old != nil {
+		close(old.replaced)
+	}
 	v.logger.Info("jwks loaded", "keys", len(kr.byKid), "skipped", kr.skipped)
 }
 
@@ -264,6 +266,9 @@ type verifyKey struct {
 type keyring struct {
 	byKid   map[string]verifyKey
 	skipped int
+	// replaced is closed when a newer set takes this one's place, so an open
+	// event stream learns at once that the key behind its token may be gone.
+	replaced chan struct{}
 }
 
 // parseKeyring turns a JWK Set into the keys this service will use. A key
@@ -274,7 +279,7 @@ func parseKeyring(raw []byte) (*keyring, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse jwks: %w", err)
 	}
-	kr := &keyring{byKid: make(map[string]verifyKey, set.Len())}
+	kr := &keyring{byKid: make(map[string]verifyKey, set.Len()), replaced: make(chan struct{})}
 	for i := 0; i < set.Len(); i++ {
 		k, _ := set.Key(i)
 		vk, ok := usableKey(k)
@@ -349,58 +354,107 @@ type joseHeader struct {
 	B64  json.RawMessage `json:"b64"`
 }
 
+// principal is who a verified token speaks for, and what bounds its life: a
+// long-lived event stream must end when exp passes or when the key that
+// verified the token leaves the set.
+type principal struct {
+	userID int64
+	kid    string
+	exp    time.Time // the token's exp claim, leeway not included
+}
+
 // Verify returns the user id of a valid token. Errors are *authError (401)
 // or errNoKeys (503).
 func (v *Verifier) Verify(ctx context.Context, token string) (int64, error) {
+	p, err := v.verify(ctx, token)
+	return p.userID, err
+}
+
+// verify checks a token and returns its principal.
+func (v *Verifier) verify(ctx context.Context, token string) (principal, error) {
 	kr := v.keys.Load()
 	if kr == nil {
-		return 0, errNoKeys
+		return principal{}, errNoKeys
 	}
 	sum := tokenSum(token)
-	if uid, ok := v.tokens.get(sum, kr, v.now()); ok {
-		return uid, nil
+	if p, ok := v.tokens.get(sum, kr, v.now()); ok {
+		return p, nil
 	}
+	p, err := v.verifyUncached(ctx, kr, token)
+	if err != nil {
+		return principal{}, err
+	}
+	v.tokens.put(sum, kr, p, v.now())
+	return p, nil
+}
+
+func (v *Verifier) verifyUncached(ctx context.Context, kr *keyring, token string) (principal, error) {
 	headerPart, ok := compactHeader(token)
 	if !ok {
-		return 0, reject(reasonMalformed, "the token is not a compact JWS")
+		return principal{}, reject(reasonMalformed, "the token is not a compact JWS")
 	}
 	var hdr joseHeader
 	if err := decodeSegment(headerPart, &hdr); err != nil {
-		return 0, reject(reasonMalformed, "the token header is not valid")
+		return principal{}, reject(reasonMalformed, "the token header is not valid")
 	}
 	// RFC 7515 §4.1.11: an unknown critical extension must be refused, and
 	// this service understands none (b64=false would change what is signed).
 	if len(hdr.Crit) > 0 || len(hdr.B64) > 0 {
-		return 0, reject(reasonMalformed, "the token uses an unsupported header extension")
+		return principal{}, reject(reasonMalformed, "the token uses an unsupported header extension")
 	}
 	if !allowedAlg(hdr.Alg) {
-		return 0, reject(reasonBadSignature, "the token algorithm is not accepted")
+		return principal{}, reject(reasonBadSignature, "the token algorithm is not accepted")
 	}
 	if hdr.Kid == "" {
-		return 0, reject(reasonUnknownKey, "the token names no key id")
+		return principal{}, reject(reasonUnknownKey, "the token names no key id")
 	}
 	key, found := kr.byKid[hdr.Kid]
 	if !found {
 		v.refreshForUnknownKid(ctx)
 		kr = v.keys.Load()
 		if key, found = kr.byKid[hdr.Kid]; !found {
-			return 0, reject(reasonUnknownKey, "the token was signed by an unknown key")
+			return principal{}, reject(reasonUnknownKey, "the token was signed by an unknown key")
 		}
 	}
 	alg := jwa.SignatureAlgorithm(hdr.Alg)
 	if !algIn(alg, key.algs) {
-		return 0, reject(reasonBadSignature, "the token algorithm does not match its key")
+		return principal{}, reject(reasonBadSignature, "the token algorithm does not match its key")
 	}
 	payload, err := jws.Verify([]byte(token), jws.WithKey(alg, key.raw), jws.WithCompact())
 	if err != nil {
-		return 0, reject(reasonBadSignature, "the token signature is not valid")
+		return principal{}, reject(reasonBadSignature, "the token signature is not valid")
 	}
 	uid, exp, err := v.checkClaims(payload)
 	if err != nil {
-		return 0, err
+		return principal{}, err
 	}
-	v.tokens.put(sum, kr, uid, exp, v.now())
-	return uid, nil
+	return principal{userID: uid, kid: hdr.Kid, exp: numericDateTime(exp)}, nil
+}
+
+// numericDateTime turns checkClaims' NumericDate seconds into a time.
+func numericDateTime(secs float64) time.Time {
+	whole := math.Floor(secs)
+	return time.Unix(int64(whole), int64((secs-whole)*1e9))
+}
+
+// hasKey reports whether kid is in the key set in use now.
+func (v *Verifier) hasKey(kid string) bool {
+	kr := v.keys.Load()
+	if kr == nil {
+		return false
+	}
+	_, ok := kr.byKid[kid]
+	return ok
+}
+
+// keysChanged returns a channel closed at the next key-set swap. Take it
+// before calling hasKey, so a swap between the two calls is never missed.
+// Before the first set is loaded it returns nil (never closed).
+func (v *Verifier) keysChanged() <-chan struct{} {
+	if kr := v.keys.Load(); kr != nil {
+		return kr.replaced
+	}
+	return nil
 }
 
 // compactHeader accepts only the compact serialization: three base64url
@@ -593,12 +647,18 @@ func parseUserID(raw json.RawMessage) (int64, bool) {
 
 type ctxKey int
 
-const userIDKey ctxKey = 0
+const principalKey ctxKey = 0
 
 // userFromContext returns the verified user id the middleware stored.
 func userFromContext(ctx context.Context) (int64, bool) {
-	id, ok := ctx.Value(userIDKey).(int64)
-	return id, ok
+	p, ok := principalFromContext(ctx)
+	return p.userID, ok
+}
+
+// principalFromContext returns the verified principal the middleware stored.
+func principalFromContext(ctx context.Context) (principal, bool) {
+	p, ok := ctx.Value(principalKey).(principal)
+	return p, ok
 }
 
 const bearerRealm = `Bearer realm="threeds-records"`
@@ -610,38 +670,38 @@ func (v *Verifier) Middleware(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		info := requestInfoFrom(r.Context())
 		start := time.Now()
-		uid, err := v.authenticate(r)
+		p, err := v.authenticate(r)
 		info.authDur = time.Since(start)
 		if err != nil {
 			v.refuse(w, r, err)
 			return
 		}
-		info.userID = uid
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), userIDKey, uid)))
+		info.userID = p.userID
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey, p)))
 	})
 }
 
-func (v *Verifier) authenticate(r *http.Request) (int64, error) {
+func (v *Verifier) authenticate(r *http.Request) (principal, error) {
 	values := r.Header.Values("Authorization")
 	if len(values) == 0 {
-		return 0, reject(reasonMissing, "send an Authorization: Bearer <token> header")
+		return principal{}, reject(reasonMissing, "send an Authorization: Bearer <token> header")
 	}
 	if len(values) > 1 {
-		return 0, reject(reasonMalformed, "send exactly one Authorization header")
+		return principal{}, reject(reasonMalformed, "send exactly one Authorization header")
 	}
 	h := values[0]
 	if len(h) > maxAuthHeader {
-		return 0, reject(reasonMalformed, "the Authorization header is over 8 KiB")
+		return principal{}, reject(reasonMalformed, "the Authorization header is over 8 KiB")
 	}
 	scheme, token, ok := strings.Cut(h, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return 0, reject(reasonMalformed, "the Authorization scheme must be Bearer")
+		return principal{}, reject(reasonMalformed, "the Authorization scheme must be Bearer")
 	}
 	token = strings.TrimLeft(token, " ")
 	if token == "" {
-		return 0, reject(reasonMalformed, "the bearer token is empty")
+		return principal{}, reject(reasonMalformed, "the bearer token is empty")
 	}
-	return v.Verify(r.Context(), token)
+	return v.verify(r.Context(), token)
 }
 
 func (v *Verifier) refuse(w http.ResponseWriter, r *http.Request, err error) {

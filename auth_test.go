@@ -411,3 +411,45 @@ func TestVerifierStopsItsBackgroundRefreshOnClose(t *testing.T) {
 		t.Errorf("JWKS fetched %d more times after Close", n-hits)
 	}
 }
+
+// The event stream bounds its life by what the middleware admitted: the
+// token's exp and the key that verified it. Both must reach the handler, from
+// a fresh verification and from the token cache alike.
+func TestThePrincipalCarriesTheKeyAndExpiryAndSeesTheKeyLeave(t *testing.T) {
+	k1 := newTestKey(t, jwa.RS256, "k1", 0)
+	k2 := newTestKey(t, jwa.ES256, "k2", 0)
+	srv := newJWKSServer(t, k1.publicJWK(t, false), k2.publicJWK(t, false))
+	cfg := testAuthConfig(srv.URL)
+	cfg.refreshEvery = 100 * time.Millisecond
+	v := newTestVerifier(t, cfg)
+
+	claims := validClaims("42")
+	exp := time.Now().Add(10 * time.Minute).Truncate(time.Second)
+	claims["exp"] = exp.Unix()
+	token := k1.token(t, claims)
+	for _, pass := range []string{"fresh verification", "token cache hit"} {
+		p, err := v.verify(t.Context(), token)
+		if err != nil || p.userID != 42 || p.kid != "k1" || !p.exp.Equal(exp) {
+			t.Fatalf("%s: verify = %+v, %v; want user 42, kid k1, exp %s", pass, p, err, exp)
+		}
+	}
+
+	changed := v.keysChanged()
+	if !v.hasKey("k1") || v.hasKey("nope") {
+		t.Fatal("hasKey does not reflect the loaded set")
+	}
+	select {
+	case <-changed:
+		t.Fatal("keysChanged closed without a change of the set")
+	case <-time.After(300 * time.Millisecond): // three refreshes of an unchanged set
+	}
+	srv.setKeys(t, k2.publicJWK(t, false))
+	select {
+	case <-changed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("keysChanged was not closed when the set changed")
+	}
+	if v.hasKey("k1") || !v.hasKey("k2") {
+		t.Fatal("after the swap hasKey still sees the removed key")
+	}
+}

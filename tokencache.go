@@ -38,9 +38,8 @@ type tokenCache struct {
 }
 
 type cachedToken struct {
-	userID int64
-	exp    float64 // NumericDate seconds, as checkClaims compares them
-	keys   *keyring
+	principal
+	keys *keyring
 }
 
 func newTokenCache(max int) *tokenCache {
@@ -49,29 +48,27 @@ func newTokenCache(max int) *tokenCache {
 
 func tokenSum(token string) [sha256.Size]byte { return sha256.Sum256([]byte(token)) }
 
-func unixSeconds(t time.Time) float64 { return float64(t.UnixNano()) / 1e9 }
-
-// get returns the user id of a token verified against keys (the set in use
-// now) that has not expired. A nil cache never hits.
-func (c *tokenCache) get(sum [sha256.Size]byte, keys *keyring, now time.Time) (int64, bool) {
+// get returns the principal of a token verified against keys (the set in
+// use now) that has not expired. A nil cache never hits.
+func (c *tokenCache) get(sum [sha256.Size]byte, keys *keyring, now time.Time) (principal, bool) {
 	if c == nil {
-		return 0, false
+		return principal{}, false
 	}
 	c.mu.RLock()
 	e, ok := c.entries[sum]
 	c.mu.RUnlock()
-	if !ok || e.keys != keys || unixSeconds(now) >= e.exp {
+	if !ok || e.keys != keys || !now.Before(e.exp) {
 		c.misses.Add(1)
-		return 0, false
+		return principal{}, false
 	}
 	c.hits.Add(1)
-	return e.userID, true
+	return e.principal, true
 }
 
-// put remembers a token that keys has just verified, until exp (its
-// NumericDate, already checked).
-func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, userID int64, exp float64, now time.Time) {
-	if c == nil || unixSeconds(now) >= exp {
+// put remembers a token that keys has just verified, until its exp (already
+// checked).
+func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, p principal, now time.Time) {
+	if c == nil || !now.Before(p.exp) {
 		return
 	}
 	c.mu.Lock()
@@ -79,7 +76,7 @@ func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, userID int64, exp
 	if len(c.entries) >= c.max {
 		c.evictLocked(keys, now)
 	}
-	c.entries[sum] = cachedToken{userID: userID, exp: exp, keys: keys}
+	c.entries[sum] = cachedToken{principal: p, keys: keys}
 }
 
 // evictLocked makes room in one sweep, so its cost is shared by the next
@@ -87,9 +84,8 @@ func (c *tokenCache) put(sum [sha256.Size]byte, keys *keyring, userID int64, exp
 // verified by a key set that has since been replaced), then arbitrary ones
 // (Go randomises map order) down to three quarters full.
 func (c *tokenCache) evictLocked(current *keyring, now time.Time) {
-	t := unixSeconds(now)
 	for k, e := range c.entries {
-		if e.keys != current || t >= e.exp {
+		if e.keys != current || !now.Before(e.exp) {
 			delete(c.entries, k)
 		}
 	}

@@ -124,9 +124,9 @@ func TestTokenCacheEntryEndsAtExp(t *testing.T) {
 	kr := &keyring{}
 	now := time.Unix(1_800_000_000, 0)
 	sum := tokenSum("t")
-	c.put(sum, kr, 7, 1800000010, now)
-	if uid, ok := c.get(sum, kr, now.Add(9*time.Second)); !ok || uid != 7 {
-		t.Fatalf("get before exp = %d, %v", uid, ok)
+	c.put(sum, kr, principal{userID: 7, kid: "k", exp: time.Unix(1800000010, 0)}, now)
+	if p, ok := c.get(sum, kr, now.Add(9*time.Second)); !ok || p.userID != 7 || p.kid != "k" {
+		t.Fatalf("get before exp = %+v, %v", p, ok)
 	}
 	if _, ok := c.get(sum, kr, now.Add(10*time.Second)); ok {
 		t.Fatal("an entry was still served at its exp")
@@ -134,12 +134,12 @@ func TestTokenCacheEntryEndsAtExp(t *testing.T) {
 	if _, ok := c.get(sum, &keyring{}, now); ok {
 		t.Fatal("an entry was served against another key set")
 	}
-	c.put(tokenSum("gone"), kr, 8, 1799999999, now)
+	c.put(tokenSum("gone"), kr, principal{userID: 8, exp: time.Unix(1799999999, 0)}, now)
 	if c.len() != 1 {
 		t.Fatalf("an expired token was cached: %d entries", c.len())
 	}
 	var nilCache *tokenCache
-	nilCache.put(sum, kr, 7, 1800000010, now)
+	nilCache.put(sum, kr, principal{userID: 7, exp: time.Unix(1800000010, 0)}, now)
 	if _, ok := nilCache.get(sum, kr, now); ok {
 		t.Fatal("a nil cache hit")
 	}
@@ -150,17 +150,17 @@ func TestTokenCacheIsBounded(t *testing.T) {
 	c := newTokenCache(max)
 	old, cur := &keyring{}, &keyring{}
 	now := time.Unix(1_800_000_000, 0)
-	const exp = 1800003600
+	exp := time.Unix(1800003600, 0)
 	for i := range max {
-		c.put(tokenSum("old"+strconv.Itoa(i)), old, int64(i+1), exp, now)
+		c.put(tokenSum("old"+strconv.Itoa(i)), old, principal{userID: int64(i + 1), exp: exp}, now)
 	}
 	// The key set changed: the next insertion sweeps every dead entry.
-	c.put(tokenSum("cur"), cur, 1, exp, now)
+	c.put(tokenSum("cur"), cur, principal{userID: 1, exp: exp}, now)
 	if c.len() != 1 {
 		t.Fatalf("%d entries after the key set changed, want only the new one", c.len())
 	}
 	for i := range 10 * max {
-		c.put(tokenSum("cur"+strconv.Itoa(i)), cur, int64(i+1), exp, now)
+		c.put(tokenSum("cur"+strconv.Itoa(i)), cur, principal{userID: int64(i + 1), exp: exp}, now)
 		if c.len() > max {
 			t.Fatalf("%d entries, bound %d", c.len(), max)
 		}
