@@ -122,7 +122,7 @@ func (f *statementTimeoutFallback) TraceConnectEnd(_ context.Context, data pgx.T
 	if f.refused.CompareAndSwap(false, true) {
 		f.logger.Warn("the database (a pooler such as PgBouncer) refused the statement_timeout startup parameter; connecting without it",
 			"refusal", refusalMessage(data.Err),
-			"effect", fmt.Sprintf("DB_QUERY_TIMEOUT (%s) still ends each query on the service's side, but the server no longer stops a query the service has given up on", f.timeout),
+			"effect", fmt.Sprintf("DB_QUERY_TIMEOUT (%s) still ends each query on the service's side; the server has no limit of its own, so a statement the service abandons stops only if the pooler cancels it", f.timeout),
 			"fix", fmt.Sprintf("ALTER ROLE %s SET statement_timeout = '%dms' (on PostgreSQL) brings the server-side limit back; "+
 				"ignore_startup_parameters = statement_timeout in pgbouncer.ini only stops the refusal: PgBouncer then drops the value",
 				pgx.Identifier{f.role}.Sanitize(), f.timeout.Milliseconds()),
