@@ -39,7 +39,7 @@ func defaultPoolSize(gomaxprocs int) int32 {
 	return int32(min(max(defaultPoolSizePerProcs*gomaxprocs, minDefaultPoolSize), maxDefaultPoolSize))
 }
 
-// poolSizeSource says where the pool size came from, for the start log.
+// Where the pool size came from, for the start log (db_pool_max_conns_from).
 const (
 	poolSizeFromURL        = "pool_max_conns"
 	poolSizeFromGOMAXPROCS = "GOMAXPROCS"
