@@ -325,6 +325,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"db_pool_max_conns", cfg.poolConfig.MaxConns,
 		"db_pool_max_conns_from", cfg.poolSizeFrom,
 		"gomaxprocs", runtime.GOMAXPROCS(0),
+		"max_in_flight", cfg.maxInFlight,
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
 		"shutdown_delay", cfg.shutdownDelay.String(),
 		"log_level", cfg.logLevel.String(),
