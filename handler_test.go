@@ -768,8 +768,14 @@ func TestBeyondMaxInFlightAnAPIRequestIsShedAtOnceAndProbesStillAnswer(t *testin
 			t.Errorf("%s%v = %v, want %v", c.name, c.kv, got, c.value)
 		}
 	}
-	line, ok := accessLine(t, rs.stdout, "over-the-limit")
-	if !ok || line["status"] != float64(http.StatusServiceUnavailable) || line["level"] != "INFO" {
+	// Access lines are written in batches (accesslog.go), within a second.
+	var line map[string]any
+	waitFor(t, 10*time.Second, "the shed request's access line", func() bool {
+		var ok bool
+		line, ok = accessLine(t, rs.stdout, "over-the-limit")
+		return ok
+	})
+	if line["status"] != float64(http.StatusServiceUnavailable) || line["level"] != "INFO" {
 		t.Errorf("access line of the shed request: %v", line)
 	}
 }
