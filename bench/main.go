@@ -22,6 +22,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -52,6 +53,7 @@ type options struct {
 	floorLog    string
 	compare     string
 	compareName string
+	compareEnv  multiFlag
 	rounds      int
 	direct      bool
 }
@@ -85,6 +87,7 @@ func main() {
 	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where a copy of the service's stdout (one JSON access-log line per request) goes; the bench reads it through a pipe, as a container runtime does, and counts the lines")
 	flag.StringVar(&o.compare, "compare", "", "a second build of the service (bench/run.sh builds BENCH_COMPARE=REV into it), measured in the same rounds: before/after in one run")
 	flag.StringVar(&o.compareName, "compare-name", "before", "its name in the table")
+	flag.Var(&o.compareEnv, "compare-env", "extra NAME=VALUE for the -compare build only (repeatable), after -env: with -compare set to the service binary itself, an A/B of one setting, e.g. -compare-env GOGC=200")
 	flag.Parse()
 	if o.dsn == "" {
 		fmt.Fprintln(os.Stderr, "bench: -db or DATABASE_URL is required")
@@ -308,10 +311,10 @@ func (s *runningService) pid() int { return s.cmd.Process.Pid }
 // (-compare), in that order in b.servers, and returns the service.
 func (b *bench) startServers(jwksPath string) (*runningService, error) {
 	o := b.o
-	service := func(name, bin string, args []string) (*runningService, error) {
+	service := func(name, bin string, args, env []string) (*runningService, error) {
 		s, err := startServer(b.ctx, serverSpec{
 			name: name, bin: bin, args: args, dsn: withParams(o.dsn, o.dbParams),
-			env: o.serviceEnv, log: o.serviceLog, countLog: true, dir: o.dir,
+			env: env, log: o.serviceLog, countLog: true, dir: o.dir,
 		}, jwksPath)
 		if s != nil {
 			b.servers = append(b.servers, s) // stopped by run, however it ends
@@ -321,7 +324,7 @@ func (b *bench) startServers(jwksPath string) (*runningService, error) {
 		}
 		return s, err
 	}
-	svc, err := service("service", o.service, strings.Fields(o.serviceArgs))
+	svc, err := service("service", o.service, strings.Fields(o.serviceArgs), o.serviceEnv)
 	if err != nil {
 		return nil, err
 	}
@@ -335,7 +338,8 @@ func (b *bench) startServers(jwksPath string) (*runningService, error) {
 		}
 	}
 	if o.compare != "" {
-		if _, err := service(o.compareName, o.compare, nil); err != nil {
+		env := append(slices.Clone([]string(o.serviceEnv)), o.compareEnv...)
+		if _, err := service(o.compareName, o.compare, nil, env); err != nil {
 			return nil, err
 		}
 	}

@@ -77,6 +77,9 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 	if o.dbParams != "" || len(o.serviceEnv) > 0 || o.serviceArgs != "" {
 		fmt.Fprintf(w, "service settings: db-params=%q env=%q args=%q\n", o.dbParams, o.serviceEnv.String(), o.serviceArgs)
 	}
+	if o.compare != "" {
+		fmt.Fprintf(w, "%s: %s, extra env %q\n", o.compareName, o.compare, o.compareEnv.String())
+	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', tabwriter.AlignRight|tabwriter.Debug)
 	fmt.Fprintln(tw, "scenario\t server\t req/s (median)\t req/s per round\t CPU µs/req\t PG CPU µs/req\t gen CPU µs/req\t p50 ms\t p99 ms\t p99/p50\t non-2xx+errors\t peak RSS MiB\t other load (max)\t")
