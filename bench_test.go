@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -195,4 +196,55 @@ func TestServeForProfile(t *testing.T) {
 	if err := run(ctx, nil, os.Getenv, os.Stdout, os.Stderr); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// appendMillisFloat is what serverTiming used before appendMillis.
+func appendMillisFloat(b []byte, d time.Duration) []byte {
+	return strconv.AppendFloat(b, float64(d.Nanoseconds())/1e6, 'f', 3, 64)
+}
+
+func TestServerTimingDurationsHaveTheDigitsAppendFloatGave(t *testing.T) {
+	tests := []struct {
+		d    time.Duration
+		want string
+	}{
+		{0, "0.000"},
+		{499, "0.000"},
+		{501, "0.001"},
+		{1500, "0.002"}, // a tie rounds up
+		{12_345_678, "12.346"},
+		{3 * time.Second, "3000.000"},
+		{-2 * time.Millisecond, "-2.000"},
+	}
+	for _, tt := range tests {
+		if got := string(appendMillis(nil, tt.d)); got != tt.want {
+			t.Errorf("appendMillis(%d) = %s, want %s", tt.d, got, tt.want)
+		}
+	}
+	// Away from exact ties (x.5 µs), the digits are AppendFloat's.
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 100_000 {
+		d := time.Duration(rng.Int64N(int64(10 * time.Minute)))
+		if d%1000 == 500 {
+			continue
+		}
+		if got, want := string(appendMillis(nil, d)), string(appendMillisFloat(nil, d)); got != want {
+			t.Fatalf("appendMillis(%d) = %s, AppendFloat %s", d, got, want)
+		}
+	}
+}
+
+func BenchmarkServerTimingDuration(b *testing.B) {
+	d := 1234567 * time.Nanosecond
+	buf := make([]byte, 0, 32)
+	b.Run("AppendFloat", func(b *testing.B) {
+		for b.Loop() {
+			buf = appendMillisFloat(buf[:0], d)
+		}
+	})
+	b.Run("appendMillis", func(b *testing.B) {
+		for b.Loop() {
+			buf = appendMillis(buf[:0], d)
+		}
+	})
 }

