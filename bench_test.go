@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -85,6 +86,14 @@ func BenchmarkParsePaging(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				if _, _, err := parsePaging(q); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(strconv.Quote(q)+"/url.ParseQuery", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, _, err := parseAnyPaging(q); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -245,6 +254,65 @@ func BenchmarkServerTimingDuration(b *testing.B) {
 	b.Run("appendMillis", func(b *testing.B) {
 		for b.Loop() {
 			buf = appendMillis(buf[:0], d)
+		}
+	})
+}
+
+// pagingQueries are raw queries built from the pieces that matter to
+// parsePaging's two paths.
+func pagingQueries(rng *rand.Rand, n int) []string {
+	pieces := []string{"page", "page_size", "=", "&", "1", "3", "0", "20", "100", "101", "2147483647", "99999999999999999999",
+		"", ";", "%32", "+", "x", "-1", "page=2", "page_size=50", "&&", "pa%67e"}
+	out := []string{"", "page=3&page_size=20", "page_size=20&page=3", "page=3&page=3", "page=&page_size=", "page=1&"}
+	for range n {
+		var b strings.Builder
+		for range rng.IntN(8) {
+			b.WriteString(pieces[rng.IntN(len(pieces))])
+		}
+		out = append(out, b.String())
+	}
+	return out
+}
+
+func TestThePlainPagingPathAgreesWithTheGeneralOne(t *testing.T) {
+	plain := 0
+	for _, q := range pagingQueries(rand.New(rand.NewPCG(5, 6)), 200_000) {
+		p1, s1, isPlain, err1 := parsePlainPaging(q)
+		if !isPlain {
+			continue
+		}
+		plain++
+		p2, s2, err2 := parseAnyPaging(q)
+		if p1 != p2 || s1 != s2 || fmt.Sprint(err1) != fmt.Sprint(err2) {
+			t.Fatalf("%q: plain path %d, %d, %v; general path %d, %d, %v", q, p1, s1, err1, p2, s2, err2)
+		}
+	}
+	if plain < 1000 {
+		t.Fatalf("only %d queries took the plain path", plain)
+	}
+	for _, q := range []string{"page=3&page_size=20", "page_size=20", "", "page=0", "page=99999999999999999999"} {
+		if _, _, isPlain, _ := parsePlainPaging(q); !isPlain {
+			t.Errorf("%q should take the plain path", q)
+		}
+	}
+	for _, q := range []string{"page=1&page=1", "page=%32", "page=+1", "&page=1", "page", "page=1;x", "x=1"} {
+		if _, _, isPlain, _ := parsePlainPaging(q); isPlain {
+			t.Errorf("%q should take the general path", q)
+		}
+	}
+}
+
+func FuzzThePlainPagingPathAgreesWithTheGeneralOne(f *testing.F) {
+	for _, q := range pagingQueries(rand.New(rand.NewPCG(7, 8)), 20) {
+		f.Add(q)
+	}
+	f.Fuzz(func(t *testing.T, q string) {
+		p1, s1, isPlain, err1 := parsePlainPaging(q)
+		if !isPlain {
+			return
+		}
+		if p2, s2, err2 := parseAnyPaging(q); p1 != p2 || s1 != s2 || fmt.Sprint(err1) != fmt.Sprint(err2) {
+			t.Fatalf("%q: plain path %d, %d, %v; general path %d, %d, %v", q, p1, s1, err1, p2, s2, err2)
 		}
 	})
 }

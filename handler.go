@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"path"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -332,6 +333,14 @@ func handleMyRecords(store *Store, logger *slog.Logger) http.HandlerFunc {
 // purpose: a value that is not a plain decimal integer in range is a 400,
 // never a clamp or a default, so a client bug shows up at once.
 func parsePaging(rawQuery string) (page, pageSize int, err error) {
+	if page, pageSize, plain, err := parsePlainPaging(rawQuery); plain {
+		return page, pageSize, err
+	}
+	return parseAnyPaging(rawQuery)
+}
+
+// parseAnyPaging is parsePaging for every query, through url.ParseQuery.
+func parseAnyPaging(rawQuery string) (page, pageSize int, err error) {
 	q, err := url.ParseQuery(rawQuery)
 	if err != nil {
 		return 0, 0, errors.New("the query string is malformed")
@@ -347,33 +356,85 @@ func parsePaging(rawQuery string) (page, pageSize int, err error) {
 	return page, pageSize, nil
 }
 
+// parsePlainPaging is parsePaging for the query clients send: nothing but
+// page=<digits> and page_size=<digits>, each at most once, no escapes, so
+// url.ParseQuery (a map and its slices on every request) would decode
+// nothing and find no duplicate. plain is false for any other query, which
+// takes the general path; FuzzQueryString holds both to the contract.
+func parsePlainPaging(raw string) (page, pageSize int, plain bool, err error) {
+	var pageVal, sizeVal string
+	var havePage, haveSize bool
+	for raw != "" {
+		var part string
+		part, raw, _ = strings.Cut(raw, "&")
+		k, v, found := strings.Cut(part, "=")
+		if !found || !isDecimal(v) {
+			return 0, 0, false, nil
+		}
+		switch {
+		case k == "page" && !havePage:
+			pageVal, havePage = v, true
+		case k == "page_size" && !haveSize:
+			sizeVal, haveSize = v, true
+		default:
+			return 0, 0, false, nil
+		}
+	}
+	if page, err = intValue("page", pageVal, 1, 1, maxPage); err != nil {
+		return 0, 0, true, err
+	}
+	if pageSize, err = intValue("page_size", sizeVal, defaultPageSize, 1, maxPageSize); err != nil {
+		return 0, 0, true, err
+	}
+	return page, pageSize, true, nil
+}
+
+// isDecimal reports whether s is only ASCII digits (or empty).
+func isDecimal(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
 func intParam(q url.Values, name string, def, lo, hi int) (int, error) {
 	vals := q[name]
 	if len(vals) > 1 {
 		return 0, errors.New(name + " must be given at most once")
 	}
-	if len(vals) == 0 || vals[0] == "" {
+	if len(vals) == 0 {
 		return def, nil
 	}
-	bad := errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
+	return intValue(name, vals[0], def, lo, hi)
+}
+
+// intValue is one parameter's value: empty counts as absent (def).
+func intValue(name, s string, def, lo, hi int) (int, error) {
+	if s == "" {
+		return def, nil
+	}
+	bad := func() error {
+		return errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
+	}
 	// The value is built in int64 whatever the size of int, and a digit that
 	// would take it past int64 stops the loop: where int is 32 bits, an int
 	// accumulator wrapped page=4294967297 round to page 1. Leading zeros only
 	// keep n at 0, so they are allowed at any length.
-	s := vals[0]
 	var n int64
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
-			return 0, bad
+			return 0, bad()
 		}
 		d := int64(s[i] - '0')
 		if n > (math.MaxInt64-d)/10 {
-			return 0, bad
+			return 0, bad()
 		}
 		n = n*10 + d
 	}
 	if n < int64(lo) || n > int64(hi) {
-		return 0, bad
+		return 0, bad()
 	}
 	return int(n), nil
 }
