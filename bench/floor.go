@@ -24,7 +24,7 @@ func startFloor(ctx context.Context, o options, svc *runningService, jwksPath st
 		dsn = withParams(dsn, "pool_max_conns="+strconv.FormatInt(n, 10))
 		logf("floor gets the service's pool size: pool_max_conns=%d", n)
 	}
-	fl, err := startServer(ctx, serverSpec{name: "floor", bin: o.floor, dsn: dsn, log: o.floorLog, dir: o.dir}, jwksPath)
+	fl, err := startServer(ctx, serverSpec{name: "floor", bin: o.floor, dsn: dsn, env: o.floorEnv, log: o.floorLog, dir: o.dir}, jwksPath)
 	if err != nil {
 		return fl, err
 	}

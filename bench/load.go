@@ -76,37 +76,39 @@ func runWorkers(c int, until time.Time, work func(w int, until time.Time, res *p
 	return total
 }
 
-// httpLoad drives a server with c keep-alive HTTP/1.1 connections, one
-// request in flight on each. It is a deliberately minimal client (pre-built
-// request bytes, status line and length only): net/http's client costs
-// several times more CPU per request, and on two shared cores every
-// microsecond the load generator burns is taken from the server.
-func httpLoad(ctx context.Context, addr string, sc scenario, tokens map[int64]string, c int, d time.Duration, seed uint64) *phaseResult {
+// httpLoad drives a server with its keep-alive HTTP/1.1 connections (one
+// per worker, kept from phase to phase, as a gateway keeps them), one request
+// in flight on each. It is a deliberately minimal client (pre-built request
+// bytes, status line and length only): net/http's client costs several
+// times more CPU per request, and on two shared cores every microsecond the
+// load generator burns is taken from the server.
+func httpLoad(ctx context.Context, clients []*pageClient, sc scenario, tokens map[int64]string, d time.Duration, seed uint64) *phaseResult {
 	until := time.Now().Add(d)
-	return runWorkers(c, until, func(w int, until time.Time, res *phaseResult) {
+	return runWorkers(len(clients), until, func(w int, until time.Time, res *phaseResult) {
 		rng := rand.New(rand.NewPCG(seed, uint64(w)))
-		cl := newPageClient(addr, sc.page, sc.pageSize)
-		defer cl.close()
+		cl := clients[w]
+		cl.target(sc.page, sc.pageSize)
 		for time.Now().Before(until) && ctx.Err() == nil {
 			cl.get(tokens[sc.user(rng)], res)
 		}
 	})
 }
 
-// primeTokens sends every token once (page 1), c at a time: afterwards every
+// primeTokens sends every token once (page 1) over clients: afterwards the
 // server has seen, and cached, every token the measured rounds send.
-func primeTokens(ctx context.Context, addr string, tokens map[int64]string, c int) *phaseResult {
+func primeTokens(ctx context.Context, clients []*pageClient, tokens map[int64]string) *phaseResult {
 	ids := slices.Sorted(maps.Keys(tokens))
+	c := len(clients)
 	return runWorkers(c, time.Now().Add(time.Minute), func(w int, until time.Time, res *phaseResult) {
-		cl := newPageClient(addr, 1, 20)
-		defer cl.close()
+		cl := clients[w]
+		cl.target(1, 20)
 		for i := w; i < len(ids) && time.Now().Before(until) && ctx.Err() == nil; i += c {
 			cl.get(tokens[ids[i]], res)
 		}
 	})
 }
 
-// pageClient is one keep-alive connection asking for one page, reconnecting
+// pageClient is one keep-alive connection asking for pages, reconnecting
 // after an error or a Connection: close.
 type pageClient struct {
 	addr   string
@@ -116,13 +118,18 @@ type pageClient struct {
 	req    []byte
 }
 
-func newPageClient(addr string, page, pageSize int) *pageClient {
-	return &pageClient{
-		addr: addr,
-		prefix: "GET /3ds/my-records?page=" + strconv.Itoa(page) + "&page_size=" + strconv.Itoa(pageSize) +
-			" HTTP/1.1\r\nHost: " + addr + "\r\nAuthorization: Bearer ",
-		req: make([]byte, 0, 2048),
+func newPageClients(addr string, n int) []*pageClient {
+	cls := make([]*pageClient, n)
+	for i := range cls {
+		cls[i] = &pageClient{addr: addr, req: make([]byte, 0, 2048)}
 	}
+	return cls
+}
+
+// target sets the page that get asks for.
+func (cl *pageClient) target(page, pageSize int) {
+	cl.prefix = "GET /3ds/my-records?page=" + strconv.Itoa(page) + "&page_size=" + strconv.Itoa(pageSize) +
+		" HTTP/1.1\r\nHost: " + cl.addr + "\r\nAuthorization: Bearer "
 }
 
 func (cl *pageClient) close() {

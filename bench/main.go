@@ -51,9 +51,8 @@ type options struct {
 	serviceArgs string
 	floor       string
 	floorLog    string
-	compare     string
-	compareName string
-	compareEnv  multiFlag
+	floorEnv    multiFlag
+	compare     multiFlag
 	rounds      int
 	direct      bool
 }
@@ -70,11 +69,12 @@ func main() {
 	flag.StringVar(&o.dir, "dir", "", "scratch directory for the JWKS file (default: a temp dir)")
 	flag.StringVar(&o.pgPIDFile, "pg-pid-file", "", "postmaster.pid of the cluster, to report PostgreSQL CPU (optional)")
 	flag.IntVar(&o.concurrency, "c", 12, "requests in flight, the same for the service, the floor and direct SQL")
-	flag.DurationVar(&o.duration, "d", 3*time.Second, "measured duration of each phase (one server, one round)")
-	flag.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "unmeasured load before each measured phase")
-	flag.IntVar(&o.rounds, "rounds", 7, "rounds per scenario; each round measures every server back to back, the order rotating: short phases and many rounds keep a round's phases close in time on a shared machine")
+	flag.DurationVar(&o.duration, "d", time.Second, "measured duration of each phase (one server, one round)")
+	flag.DurationVar(&o.warmup, "warmup", 200*time.Millisecond, "unmeasured load before each measured phase")
+	flag.IntVar(&o.rounds, "rounds", 21, "rounds per scenario; each round measures every server back to back, the order rotating: short phases and many rounds keep a round's phases close in time on a shared machine, where other work comes in bursts")
 	flag.StringVar(&o.floor, "floor", "", "the floor binary (../shared/floor, built by bench/run.sh); empty: the service alone")
 	flag.StringVar(&o.floorLog, "floor-log", os.DevNull, "where the floor's output goes")
+	flag.Var(&o.floorEnv, "floor-env", "extra NAME=VALUE for the floor's environment (repeatable)")
 	flag.BoolVar(&o.direct, "direct", false, "also run the service's page SQL straight to PostgreSQL, one phase per scenario after the rounds")
 	flag.StringVar(&o.serviceArgs, "service-args", "", "space-separated arguments for the service binary (bench/run.sh uses it for the profiling build)")
 	flag.IntVar(&o.users, "users", 10000, "ordinary users (ids 1..users)")
@@ -85,9 +85,7 @@ func main() {
 	flag.Var(&o.serviceEnv, "env", "extra NAME=VALUE for the service's environment (repeatable), e.g. GOGC=50")
 	flag.StringVar(&o.scenarios, "scenarios", "page1,page3,heavy", "comma-separated subset of page1, page3, heavy")
 	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where a copy of the service's stdout (one JSON access-log line per request) goes; the bench reads it through a pipe, as a container runtime does, and counts the lines")
-	flag.StringVar(&o.compare, "compare", "", "a second build of the service (bench/run.sh builds BENCH_COMPARE=REV into it), measured in the same rounds: before/after in one run")
-	flag.StringVar(&o.compareName, "compare-name", "before", "its name in the table")
-	flag.Var(&o.compareEnv, "compare-env", "extra NAME=VALUE for the -compare build only (repeatable), after -env: with -compare set to the service binary itself, an A/B of one setting, e.g. -compare-env GOGC=200")
+	flag.Var(&o.compare, "compare", "NAME=PATH[,VAR=VALUE...]: another build of the service (repeatable; bench/run.sh builds BENCH_COMPARE=REV into one), measured in the same rounds, with extra environment after -env's: before/after in one run, or the service binary itself with one setting changed (an A/B), e.g. gogc200=bin/threeds-records,GOGC=200")
 	flag.Parse()
 	if o.dsn == "" {
 		fmt.Fprintln(os.Stderr, "bench: -db or DATABASE_URL is required")
@@ -186,7 +184,8 @@ func run(ctx context.Context, o options) (bool, error) {
 	// a first signature check that an earlier round did not.
 	for _, s := range b.servers {
 		start := time.Now()
-		res := primeTokens(ctx, s.addr, m.tokens, o.concurrency)
+		s.clients = newPageClients(s.addr, o.concurrency)
+		res := primeTokens(ctx, s.clients, m.tokens)
 		s.responses.Add(int64(len(res.lat)))
 		if res.errs+res.non2xx > 0 {
 			return false, fmt.Errorf("priming the %s's token cache: %d errors, %d non-2xx, first %q", s.name, res.errs, res.non2xx, res.firstErr)
@@ -301,6 +300,8 @@ type runningService struct {
 	logDone   chan struct{} // closed at the end of its stdout
 	responses atomic.Int64  // HTTP responses the bench received from it
 
+	clients []*pageClient // the load's connections, one per worker
+
 	stopped bool
 	exitErr error // how it exited after stop
 }
@@ -337,9 +338,14 @@ func (b *bench) startServers(jwksPath string) (*runningService, error) {
 			return nil, err
 		}
 	}
-	if o.compare != "" {
-		env := append(slices.Clone([]string(o.serviceEnv)), o.compareEnv...)
-		if _, err := service(o.compareName, o.compare, nil, env); err != nil {
+	for _, c := range o.compare {
+		name, rest, ok := strings.Cut(c, "=")
+		fields := strings.Split(rest, ",")
+		if !ok || name == "" || fields[0] == "" {
+			return nil, fmt.Errorf("-compare %q: want NAME=PATH[,VAR=VALUE...]", c)
+		}
+		env := append(slices.Clone([]string(o.serviceEnv)), fields[1:]...)
+		if _, err := service(name, fields[0], nil, env); err != nil {
 			return nil, err
 		}
 	}
@@ -468,6 +474,9 @@ func (s *runningService) stop() {
 		return
 	}
 	s.stopped = true
+	for _, cl := range s.clients {
+		cl.close()
+	}
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case s.exitErr = <-s.done:

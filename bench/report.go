@@ -45,14 +45,6 @@ func pctStr(f float64) string {
 
 func mib(kib int64) string { return strconv.FormatFloat(float64(kib)/1024, 'f', 1, 64) }
 
-func floats(xs []float64, prec int) string {
-	parts := make([]string, len(xs))
-	for i, x := range xs {
-		parts[i] = strconv.FormatFloat(x, 'f', prec, 64)
-	}
-	return strings.Join(parts, " ")
-}
-
 func cpuModel() string {
 	b, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
@@ -77,12 +69,12 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 	if o.dbParams != "" || len(o.serviceEnv) > 0 || o.serviceArgs != "" {
 		fmt.Fprintf(w, "service settings: db-params=%q env=%q args=%q\n", o.dbParams, o.serviceEnv.String(), o.serviceArgs)
 	}
-	if o.compare != "" {
-		fmt.Fprintf(w, "%s: %s, extra env %q\n", o.compareName, o.compare, o.compareEnv.String())
+	for _, c := range o.compare {
+		fmt.Fprintf(w, "compared: %s\n", c)
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', tabwriter.AlignRight|tabwriter.Debug)
-	fmt.Fprintln(tw, "scenario\t server\t req/s (median)\t req/s per round\t CPU µs/req\t PG CPU µs/req\t gen CPU µs/req\t p50 ms\t p99 ms\t p99/p50\t non-2xx+errors\t peak RSS MiB\t other load (max)\t")
+	fmt.Fprintln(tw, "scenario\t server\t req/s (median)\t req/s min-max\t CPU µs/req\t PG CPU µs/req\t gen CPU µs/req\t p50 ms\t p99 ms\t p99/p50\t non-2xx+errors\t peak RSS MiB\t other load (max)\t")
 	for _, r := range results {
 		for _, s := range r.sides {
 			slices.Sort(s.lat)
@@ -93,7 +85,7 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 				tail = float64(p99) / float64(p50)
 			}
 			fmt.Fprintf(tw, "%s\t %s\t %.0f\t %s\t %s\t %s\t %s\t %s\t %s\t %.1f\t %d\t %s\t %s (%s)\t\n",
-				r.sc.name, s.name, median(s.rates), floats(s.rates, 0),
+				r.sc.name, s.name, median(s.rates), fmt.Sprintf("%.0f-%.0f", slices.Min(s.rates), slices.Max(s.rates)),
 				usPer(s.cpu.server, n), usPer(s.cpu.pg, n), usPer(s.cpu.self, n),
 				msStr(p50), msStr(p99), tail, s.non2xx+s.errs, mib(s.peakKiB),
 				pctStr(median(s.other)), pctStr(slices.Max(s.other)))
@@ -102,12 +94,14 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 	tw.Flush()
 
 	if len(results) > 0 && len(results[0].ratios) > 0 {
-		fmt.Fprintln(w, "\nratios of req/s: the median of the rounds' ratios (the two phases of a round are seconds apart)")
+		fmt.Fprintln(w, "\nratios: the median of the rounds' ratios (the phases of a round are a second or two apart); quartiles in brackets")
 		for _, r := range results {
 			for _, q := range r.ratios {
 				a, b := r.sides[q.a], r.sides[q.b]
-				fmt.Fprintf(w, "  %-32s %-18s %.3f  (rounds: %s); CPU µs/req %s vs %s\n",
-					r.sc.name+":", a.name+" ÷ "+b.name, median(q.perRound), floats(q.perRound, 3),
+				fmt.Fprintf(w, "  %-30s %-22s req/s %.3f [%.3f %.3f]   CPU µs/req %.3f [%.3f %.3f] (%s vs %s)\n",
+					r.sc.name+":", a.name+" ÷ "+b.name,
+					median(q.perRound), quantile(q.perRound, 0.25), quantile(q.perRound, 0.75),
+					median(q.cpu), quantile(q.cpu, 0.25), quantile(q.cpu, 0.75),
 					usPer(a.cpu.server, len(a.lat)), usPer(b.cpu.server, len(b.lat)))
 			}
 		}

@@ -98,6 +98,7 @@ func (b *bench) poolAcquires() int64 {
 type sideStats struct {
 	name     string
 	rates    []float64 // req/s, one per round
+	cpuPer   []float64 // the server's CPU µs per request, one per round (-1: unknown)
 	lat      []time.Duration
 	elapsed  time.Duration
 	non2xx   int64
@@ -110,6 +111,11 @@ type sideStats struct {
 
 func (s *sideStats) add(res *phaseResult, cpu cpuSample) {
 	s.rates = append(s.rates, res.rate())
+	per := -1.0
+	if cpu.server >= 0 && len(res.lat) > 0 {
+		per = float64(cpu.server) / float64(len(res.lat))
+	}
+	s.cpuPer = append(s.cpuPer, per)
 	s.lat = append(s.lat, res.lat...)
 	s.elapsed += res.elapsed
 	s.countFailures(res)
@@ -147,6 +153,7 @@ type scenarioResult struct {
 type ratioSeries struct {
 	a, b     int // indexes in b.servers
 	perRound []float64
+	cpu      []float64 // a's CPU µs/req ÷ b's, one per round
 }
 
 // comparisons are the ratios a run reports: each build of the service ÷ the
@@ -197,7 +204,7 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 			}
 			s := b.servers[i]
 			if b.o.warmup > 0 {
-				w := httpLoad(b.ctx, s.addr, sc, b.tokens, b.o.concurrency, b.o.warmup, roundSeed+500)
+				w := httpLoad(b.ctx, s.clients, sc, b.tokens, b.o.warmup, roundSeed+500)
 				r.sides[i].countFailures(w)
 				s.responses.Add(int64(len(w.lat)))
 				if i == 0 {
@@ -205,7 +212,7 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 				}
 			}
 			c0 := b.sample(s)
-			res := httpLoad(b.ctx, s.addr, sc, b.tokens, b.o.concurrency, b.o.duration, roundSeed)
+			res := httpLoad(b.ctx, s.clients, sc, b.tokens, b.o.duration, roundSeed)
 			r.sides[i].add(res, b.sample(s).sub(c0))
 			s.responses.Add(int64(len(res.lat)))
 			if i == 0 {
@@ -218,6 +225,9 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 		}
 		for _, q := range r.ratios {
 			q.perRound = append(q.perRound, r.sides[q.a].rates[round]/r.sides[q.b].rates[round])
+			if ca, cb := r.sides[q.a].cpuPer[round], r.sides[q.b].cpuPer[round]; ca > 0 && cb > 0 {
+				q.cpu = append(q.cpu, ca/cb)
+			}
 			line += fmt.Sprintf(" %s÷%s %.3f", b.servers[q.a].name, b.servers[q.b].name, q.perRound[round])
 		}
 		logf("%s", line)
@@ -232,14 +242,19 @@ func (b *bench) measureScenario(sc scenario, seed uint64) *scenarioResult {
 	return r
 }
 
-func median(xs []float64) float64 {
+func median(xs []float64) float64 { return quantile(xs, 0.5) }
+
+// quantile is the q-quantile of xs by linear interpolation (0 when empty).
+func quantile(xs []float64, q float64) float64 {
 	if len(xs) == 0 {
 		return 0
 	}
 	s := slices.Clone(xs)
 	slices.Sort(s)
-	if n := len(s); n%2 == 0 {
-		return (s[n/2-1] + s[n/2]) / 2
+	pos := q * float64(len(s)-1)
+	i := int(pos)
+	if i+1 >= len(s) {
+		return s[len(s)-1]
 	}
-	return s[len(s)/2]
+	return s[i] + (pos-float64(i))*(s[i+1]-s[i])
 }

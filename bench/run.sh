@@ -75,7 +75,7 @@ if [ -n "${BENCH_COMPARE:-}" ]; then
 	mkdir "$tmp/compare-src"
 	git archive "$BENCH_COMPARE" | tar -x -C "$tmp/compare-src"
 	(cd "$tmp/compare-src" && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o "$tmp/compare" .)
-	extra+=(-compare "$tmp/compare" -compare-name "$(git rev-parse --short "$BENCH_COMPARE")")
+	extra+=(-compare "$(git rev-parse --short "$BENCH_COMPARE")=$tmp/compare")
 fi
 
 floor_dir=${FLOOR_DIR:-$root/../shared/floor}
