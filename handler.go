@@ -82,8 +82,11 @@ func requestInfoFrom(ctx context.Context) *requestInfo {
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	info := &requestInfo{start: time.Now(), requestID: requestID(r.Header.Get("X-Request-ID"))}
-	w.Header().Set("X-Request-ID", info.requestID)
+	// "X-Request-Id" is how net/http spells X-Request-ID in its maps (the
+	// wire spelling does not matter to HTTP): written so, the key is not
+	// rebuilt and allocated twice on every request.
+	info := &requestInfo{start: time.Now(), requestID: requestID(r.Header.Get("X-Request-Id"))}
+	w.Header().Set("X-Request-Id", info.requestID)
 	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
 	rec := &statusRecorder{ResponseWriter: w}
 
