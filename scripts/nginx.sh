@@ -6,16 +6,22 @@
 #                                          and prints its base URL (also in DIR/url)
 #   scripts/nginx.sh stop  DIR             stops it; fine if already stopped or never started
 #
-# The config is the plain one a gateway team writes for any HTTP backend:
-# proxy_http_version 1.1 with upstream keep-alive and NOTHING specific to
-# Server-Sent Events. proxy_buffering stays at nginx's default (on): the event
-# stream gets through at once only because the service answers with
-# `X-Accel-Buffering: no`, which is what the gateway tests prove.
+# The config is the plain one a gateway team writes for any HTTP backend, with
+# NOTHING specific to Server-Sent Events: proxy_buffering stays at nginx's
+# default (on). With that default nginx holds a streamed answer until the
+# upstream ends it when the upstream speaks HTTP/1.0 to it (nginx's default
+# proxy_http_version) or when gzip applies to it; the service's
+# `X-Accel-Buffering: no` turns buffering off for the stream, which is what
+# gateway_test.go proves against each variant below.
 #
 # Tuning, from the environment at start:
 #   NGINX_PROXY_READ_TIMEOUT  proxy_read_timeout, the longest the upstream may stay
 #                             silent before nginx closes the connection (default 60s,
 #                             nginx's own default)
+#   NGINX_PROXY_HTTP_VERSION  1.1 (default: keep-alive to the upstream, chunked bodies)
+#                             or 1.0 (nginx's own default when the directive is absent)
+#   NGINX_GZIP                on: compress text/event-stream and application/json
+#                             answers, as a site that gzips everything does (default off)
 #   NGINX_BIN                 the nginx binary (default: PATH, then /usr/sbin)
 # As root with apt-get, the Debian package `nginx` is installed when missing. Everything
 # nginx writes (pid file, logs, temp files) stays in DIR, so an ordinary user can run it.
@@ -90,7 +96,18 @@ running_pid() {
 }
 
 write_config() {
-	local port=$1 upstream=$2 user_line=
+	local port=$1 upstream=$2 user_line= version gzip_lines= conn_line=
+	version=${NGINX_PROXY_HTTP_VERSION:-1.1}
+	case $version in
+	1.1) conn_line='proxy_set_header Connection "";' ;;
+	1.0) ;; # nginx sends "Connection: close" itself
+	*) die "NGINX_PROXY_HTTP_VERSION must be 1.0 or 1.1 (got '$version')" ;;
+	esac
+	case ${NGINX_GZIP:-off} in
+	on) gzip_lines='gzip on; gzip_types text/event-stream application/json; gzip_min_length 1;' ;;
+	off) ;;
+	*) die "NGINX_GZIP must be on or off (got '$NGINX_GZIP')" ;;
+	esac
 	# As root, nginx would run its workers as `nobody`, which cannot write the
 	# temp directories below DIR (a 0700 mktemp directory); a throwaway proxy on
 	# 127.0.0.1 may keep root's rights. An ordinary user's nginx ignores `user`.
@@ -117,16 +134,17 @@ http {
     fastcgi_temp_path $dir/tmp/fastcgi;
     uwsgi_temp_path $dir/tmp/uwsgi;
     scgi_temp_path $dir/tmp/scgi;
+    $gzip_lines
 
     server {
         listen 127.0.0.1:$port;
 
-        # A generic HTTP/1.1 proxy with keep-alive to the upstream. No
-        # SSE-specific tuning: proxy_buffering is left at its default (on).
+        # A generic proxy. No SSE-specific tuning: proxy_buffering is left
+        # at its default (on).
         location / {
             proxy_pass http://$upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_http_version $version;
+            $conn_line
             proxy_read_timeout ${NGINX_PROXY_READ_TIMEOUT:-60s};
         }
     }
