@@ -69,6 +69,10 @@ func main() {
 	flag.StringVar(&o.scenarios, "scenarios", "page1,page3,heavy", "comma-separated subset of page1, page3, heavy")
 	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where the service's stdout (one JSON access-log line per request) goes")
 	flag.Parse()
+	if *onlyFlag != "" && *onlyFlag != "pages" && *onlyFlag != "stream" {
+		fmt.Fprintf(os.Stderr, "bench: -only %q: want pages or stream\n", *onlyFlag)
+		os.Exit(2)
+	}
 	if o.dsn == "" {
 		fmt.Fprintln(os.Stderr, "bench: -db or DATABASE_URL is required")
 		os.Exit(2)
@@ -190,6 +194,9 @@ func run(ctx context.Context, o options) (bool, error) {
 	if err := m.s.writeJWKS(jwksPath); err != nil {
 		return false, err
 	}
+	if *onlyFlag == "stream" {
+		return runStreamScenario(ctx, o, admin, m.tokens, jwksPath)
+	}
 
 	svc, err := startService(ctx, o, jwksPath)
 	if err != nil {
@@ -273,6 +280,16 @@ func run(ctx context.Context, o options) (bool, error) {
 	}
 	if !ok {
 		fmt.Println("\nFAILED: non-2xx answers or transport/SQL errors (see the table); the service log is in -service-log")
+	}
+	if *onlyFlag == "" {
+		// A fresh process, so the stream scenario's idle memory is not the
+		// page scenarios' leftovers.
+		svc.stop()
+		streamOK, err := runStreamScenario(ctx, o, admin, m.tokens, jwksPath)
+		if err != nil {
+			return false, fmt.Errorf("stream scenario: %w", err)
+		}
+		ok = ok && streamOK
 	}
 	return ok, nil
 }

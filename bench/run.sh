@@ -55,9 +55,10 @@ db_url=$(bash scripts/pg.sh start "$pgdir")
 DATABASE_URL=$db_url "$root/bin/threeds-records" migrate >/dev/null
 
 # The tool runs in the background so the traps fire at once on Ctrl-C.
+# pgbench (the stream scenario's writer) ships with the server binaries.
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags on purpose
 "$tmp/bench" -db "$db_url" -service "$root/bin/threeds-records" -dir "$tmp" \
-	-pg-pid-file "$pgdir/data/postmaster.pid" ${BENCH_ARGS:-} "$@" &
+	-pg-pid-file "$pgdir/data/postmaster.pid" -pgbench "$(cat "$pgdir/bindir")/pgbench" ${BENCH_ARGS:-} "$@" &
 tool=$!
 rc=0
 wait "$tool" || rc=$?
