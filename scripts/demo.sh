@@ -77,7 +77,7 @@ curl -s -H "Authorization: Bearer $token" 'http://$host:$port/3ds/my-records?pag
   Watch passcodes arrive: open the event stream in one terminal (it first replays the
   passcodes still valid, then says "ready", then a ": ping" every 15 s)...
 
-curl -N -H "Authorization: Bearer $token" 'http://$host:$port/3ds/my-records/events'
+curl -sN -H "Authorization: Bearer $token" 'http://$host:$port/3ds/my-records/events'
 
   ...and store a new passcode for user 1001 in another; it shows up in the stream at once:
 
