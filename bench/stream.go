@@ -99,6 +99,16 @@ type streamBench struct {
 
 	connsMu sync.Mutex
 	conns   []net.Conn
+
+	openedAt time.Time // when the first stream was being opened
+}
+
+// slowRecord places a slow delivery in time: after the writer's start, and
+// in the heartbeat cycle that began when the streams were opened (every
+// stream pings STREAM_HEARTBEAT after its last write, so streams opened
+// together ping together).
+type slowRecord struct {
+	afterStart, inCycle, lat time.Duration
 }
 
 type streamResult struct {
@@ -117,7 +127,9 @@ type streamResult struct {
 	committed    int
 	writerRate   float64
 	lat          []time.Duration
-	early        int // arrived before the writer saw its COMMIT return
+	slowest      []slowRecord
+	heartbeat    time.Duration // the service's STREAM_HEARTBEAT
+	early        int           // arrived before the writer saw its COMMIT return
 	missing      int
 	duplicates   int
 	wrongUser    int
@@ -220,6 +232,15 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	start := time.Now()
 	r.opened, r.refused, r.firstRefusal = b.open(ctx, n, *streamOpenC)
 	r.openTime = time.Since(start)
+	b.openedAt = start
+	r.heartbeat = 15 * time.Second // the contract's default
+	for _, kv := range so.serviceEnv {
+		if v, ok := strings.CutPrefix(kv, "STREAM_HEARTBEAT="); ok {
+			if d, err := time.ParseDuration(v); err == nil {
+				r.heartbeat = d
+			}
+		}
+	}
 	logf("stream: %d open in %s (%d refused)", r.opened, r.openTime.Round(time.Millisecond), r.refused)
 	if ctx.Err() != nil {
 		return false, ctx.Err()
@@ -460,6 +481,7 @@ VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
 		return fmt.Errorf("writer prepare: %w", err)
 	}
 	commits := map[int64]time.Time{}
+	var writerStart time.Time
 	rng := rand.New(rand.NewPCG(9, 9))
 	interval := time.Second / time.Duration(*streamRate)
 
@@ -484,6 +506,7 @@ VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
 	}()
 
 	start := time.Now()
+	writerStart = start
 	end := start.Add(*streamDuration)
 	next := start
 	for time.Now().Before(end) && ctx.Err() == nil {
@@ -557,8 +580,11 @@ VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
 			d = 0
 		}
 		r.lat = append(r.lat, d)
+		r.slowest = append(r.slowest, slowRecord{afterStart: c.Sub(writerStart), inCycle: c.Sub(b.openedAt) % r.heartbeat, lat: d})
 	}
 	slices.Sort(r.lat)
+	slices.SortFunc(r.slowest, func(a, b slowRecord) int { return int(b.lat - a.lat) })
+	r.slowest = r.slowest[:min(len(r.slowest), 8)]
 	return nil
 }
 
@@ -701,6 +727,16 @@ func printStreamReport(w io.Writer, r *streamResult) {
 	fmt.Fprintf(w, "  opened:           %d of %d in %s (%d refused%s)\n", r.opened, r.streams, r.openTime.Round(time.Millisecond), r.refused, quoted(r.firstRefusal))
 	fmt.Fprintf(w, "  commit → event:   %d records (%.1f/s): p50 %s ms, p99 %s ms, max %s ms; %d arrived before the writer's COMMIT returned\n",
 		r.committed, r.writerRate, msStr(pct(r.lat, 0.50)), msStr(pct(r.lat, 0.99)), msStr(pct(r.lat, 1)), r.early)
+	if len(r.slowest) > 0 {
+		fmt.Fprintf(w, "  slowest:          ")
+		for i, s := range r.slowest {
+			if i > 0 {
+				fmt.Fprint(w, ", ")
+			}
+			fmt.Fprintf(w, "%s ms at +%.1fs (%.1fs into a %s heartbeat cycle)", msStr(s.lat), s.afterStart.Seconds(), s.inCycle.Seconds(), r.heartbeat)
+		}
+		fmt.Fprintf(w, "; the streams were opened over %.1fs, so their heartbeats fall in the first %.1fs of each cycle\n", r.openTime.Seconds(), r.openTime.Seconds())
+	}
 	fmt.Fprintf(w, "  delivery:         %d missing, %d duplicates, %d to the wrong user; %d streams dropped, %d ended by the service%s\n",
 		r.missing, r.duplicates, r.wrongUser, r.dropped, r.ends, quoted(r.firstProblem))
 	perStream := 0.0
