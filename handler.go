@@ -27,16 +27,19 @@ type server struct {
 	mux      *http.ServeMux
 	store    *Store
 	verifier *Verifier
+	hub      *hub // live updates; nil answers the event stream with 503
 	logger   *slog.Logger
 	metrics  *metrics
 	draining atomic.Bool
 }
 
 // newServer registers every route in one place.
-func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger}
+func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger) *server {
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, hub: hub, logger: logger}
 	s.metrics = newMetrics(store, verifier)
+	s.metrics.hub = hub
 	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(handleMyRecords(store, logger)))
+	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)

@@ -472,7 +472,7 @@ func TestDatabaseAndKeyFailuresMatchTheOpenAPIDocument(t *testing.T) {
 		{"no keys yet is a documented 503", noKeys, apiCall{method: "GET", target: "/3ds/my-records", token: key.token(t, validClaims("1001")), status: 503}},
 		{"readyz with the database down is a documented 503", withKeys, apiCall{method: "GET", target: "/readyz", status: 503}},
 	} {
-		ts := httptest.NewServer(newServer(deadStore, tc.verifier, discardLogger()))
+		ts := httptest.NewServer(newServer(deadStore, tc.verifier, nil, discardLogger()))
 		t.Cleanup(ts.Close)
 		tc.call.name = tc.name
 		checkCalls(t, doc, &testService{Server: ts}, []apiCall{tc.call})
