@@ -114,10 +114,12 @@ func writeFailed(err error) endReason {
 // stream serves an accepted subscription until it ends and says why.
 func (s *server) stream(w http.ResponseWriter, r *http.Request, p principal, st *stream) endReason {
 	rc := http.NewResponseController(w)
-	// The server's ReadTimeout would cancel the request context under a
-	// long stream (net/http's background read fails at the deadline), and
-	// its WriteTimeout would cut it: lift both here; every write below sets
-	// its own deadline instead.
+	// The server's WriteTimeout would cut a long stream: every write below
+	// sets a deadline of its own instead. Its ReadTimeout would cancel the
+	// request context if the read deadline were still armed; net/http (Go
+	// 1.26) already clears it when it starts its background read of a
+	// request without a body, and clearing it here too keeps that true
+	// whatever the request or the server version.
 	_ = rc.SetReadDeadline(time.Time{})
 	sw := &sseWriter{w: w, rc: rc}
 	setStreamHeaders(w.Header())

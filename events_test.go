@@ -906,3 +906,165 @@ func TestStreamConfigErrorsNameTheVariable(t *testing.T) {
 		}
 	})
 }
+
+// startStreamRun starts run() on a fresh database with the trigger and a
+// real JWKS endpoint; change adjusts the environment first.
+func startStreamRun(t *testing.T, change func(env map[string]string)) (*runningService, testKey, string) {
+	t.Helper()
+	dsn := newStreamDB(t)
+	key := newTestKey(t, jwa.ES256, "run", 0)
+	idp := newJWKSServer(t, key.publicJWK(t, false))
+	env := serviceEnv(dsn, idp.URL)
+	if change != nil {
+		change(env)
+	}
+	rs := startRun(t, env)
+	waitFor(t, 15*time.Second, "readiness", func() bool { code, _ := rs.get(t, "/readyz", ""); return code == 200 })
+	return rs, key, dsn
+}
+
+func TestStreamEndsAtOnceOnShutdownWhileTheListEndpointDrains(t *testing.T) {
+	rs, key, dsn := startStreamRun(t, func(env map[string]string) {
+		env["SHUTDOWN_DELAY"] = "2s"
+		env["SHUTDOWN_TIMEOUT"] = "15s"
+		env["DB_QUERY_TIMEOUT"] = "15s" // the blocked page must outlast the drain, not the query limit
+	})
+	token := key.token(t, validClaims(1001))
+	waitFor(t, 15*time.Second, "the LISTEN session", func() bool {
+		s := openStream(t, rs.base, "/3ds/my-records/events", token)
+		defer s.close()
+		return s.resp.StatusCode == http.StatusOK
+	})
+	s, _ := mustOpenStream(t, rs.base, token)
+
+	// A page request in flight, held by a lock, must still be answered.
+	release := lockRecords(t, dsn)
+	page := make(chan int, 1)
+	go func() {
+		code, _ := rs.get(t, "/3ds/my-records", token)
+		page <- code
+	}()
+	time.Sleep(300 * time.Millisecond)
+
+	sigterm := time.Now()
+	rs.cancel()
+	reason, at := s.end(t, 5*time.Second)
+	if reason != "shutting_down" {
+		t.Fatalf("reason %q, want shutting_down", reason)
+	}
+	if took := at.Sub(sigterm); took > time.Second {
+		t.Errorf("the stream ended %s after SIGTERM; it must end at once (before the 2s delay)", took)
+	}
+	// During the delay the listener still answers; a new stream is refused.
+	resp, body := (&testService{Server: &httptest.Server{URL: rs.base}}).do(t, http.MethodGet, "/3ds/my-records/events", token)
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("a new stream while draining: %d, Retry-After %q: %s", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+	}
+	assertErrorBody(t, resp.Header, body)
+
+	release()
+	if code := <-page; code != http.StatusOK {
+		t.Errorf("the page in flight at SIGTERM ended with %d, want 200", code)
+	}
+	if err := rs.stop(t); err != nil {
+		t.Fatalf("run returned %v", err)
+	}
+}
+
+// The server's WriteTimeout (DB_QUERY_TIMEOUT + 10s here: 11s) would cut a
+// long stream, and its ReadTimeout (10s) must not cancel it either: this
+// stream outlives both and still gets a record.
+func TestStreamOutlivesTheServersReadAndWriteTimeouts(t *testing.T) {
+	rs, key, dsn := startStreamRun(t, func(env map[string]string) {
+		env["STREAM_HEARTBEAT"] = "1s"
+		env["DB_QUERY_TIMEOUT"] = "1s" // WriteTimeout 11s
+	})
+	token := key.token(t, validClaims(1001))
+	var s *sseStream
+	waitFor(t, 15*time.Second, "a stream", func() bool {
+		s = openStream(t, rs.base, "/3ds/my-records/events", token)
+		if s.resp.StatusCode != http.StatusOK {
+			s.close()
+			return false
+		}
+		return true
+	})
+	s.untilReady(t)
+	start := time.Now()
+	pings := 0
+	for time.Since(start) < 13*time.Second {
+		ev, ok := s.next(t, 5*time.Second)
+		if !ok {
+			t.Fatalf("the stream ended after %s: %v", time.Since(start).Round(time.Millisecond), s.readErr())
+		}
+		if ev.comment != "ping" {
+			t.Fatalf("unexpected %v", ev)
+		}
+		pings++
+	}
+	insertRows(t, newTestPool(t, dsn, nil), liveRow(9, 1001))
+	if got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 }); got[0] != 9 {
+		t.Errorf("after 13s the stream got %v", got)
+	}
+	if pings < 10 {
+		t.Errorf("%d pings in 13s with a 1s heartbeat", pings)
+	}
+}
+
+// LISTEN through PgBouncer in transaction mode is accepted and never
+// delivers: the self-probe finds out, the stream answers 503 saying why,
+// the log says once what to set, and the list endpoint and readiness are
+// untouched.
+func TestStreamAnswers503AndTheLogSaysWhatToSetWhenListenGoesThroughPgBouncer(t *testing.T) {
+	rs, key, dsn := startStreamRun(t, func(env map[string]string) {
+		bouncer := startPgBouncer(t, databaseName(t, env["DATABASE_URL"]))
+		env["DATABASE_LISTEN_URL"] = withParams(bouncer, "default_query_exec_mode=exec")
+	})
+	insertRows(t, newTestPool(t, dsn, nil), liveRow(1, 1001))
+	token := key.token(t, validClaims(1001))
+	waitFor(t, 30*time.Second, "the unavailable log line", func() bool {
+		for _, l := range rs.stdout.logLines(t) {
+			if l["msg"] == "live updates are unavailable; the list endpoint keeps working" {
+				return true
+			}
+		}
+		return false
+	})
+	code, body := rs.get(t, "/3ds/my-records/events", token)
+	if code != http.StatusServiceUnavailable {
+		t.Fatalf("stream: %d %s", code, body)
+	}
+	var e errorBody
+	if err := json.Unmarshal(body, &e); err != nil || !strings.Contains(e.Details, "DATABASE_LISTEN_URL must be a direct session to the primary") {
+		t.Errorf("503 details %q do not say why", e.Details)
+	}
+	if code, body := rs.get(t, "/3ds/my-records", token); code != http.StatusOK || !strings.Contains(string(body), `"id":1`) {
+		t.Errorf("the list endpoint: %d %s", code, body)
+	}
+	if code, _ := rs.get(t, "/readyz", ""); code != http.StatusOK {
+		t.Errorf("readyz = %d: LISTEN must not take readiness down", code)
+	}
+
+	var lines []map[string]any
+	for _, l := range rs.stdout.logLines(t) {
+		if l["msg"] == "live updates are unavailable; the list endpoint keeps working" {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 {
+		t.Fatalf("%d unavailable log lines, want exactly one per state change", len(lines))
+	}
+	if set, _ := lines[0]["set"].(string); !strings.Contains(set, "DATABASE_LISTEN_URL") || lines[0]["level"] != "ERROR" {
+		t.Errorf("the log line does not say what to set: %v", lines[0])
+	}
+	for _, l := range rs.stdout.logLines(t) {
+		if l["msg"] == "listening" {
+			if l["listen_database"] == l["database"] || !strings.HasSuffix(l["listen_database"].(string), "/"+databaseName(t, dsn)) {
+				t.Errorf("the start line does not tell the query and LISTEN targets apart: %v / %v", l["database"], l["listen_database"])
+			}
+		}
+	}
+	if m := parseExposition(t, scrapeText(t, rs.base)); m.value(t, "threeds_listen_up") != 0 {
+		t.Error("threeds_listen_up is not 0")
+	}
+}
