@@ -33,39 +33,55 @@ func endEvent(r endReason) []byte {
 }
 
 // handleEvents is wrapped by the verifier's middleware: a missing or bad
-// token has already been answered with the JSON 401 or 503.
+// token has already been answered with the JSON 401 or 503. It stays on the
+// stack for the stream's whole life, so everything else is in functions that
+// return before the stream waits (see streamState).
 func (s *server) handleEvents(w http.ResponseWriter, r *http.Request) {
+	ss := s.admit(w, r)
+	if ss == nil {
+		return
+	}
+	defer s.hub.unsubscribe(ss.st)
+	why, ok := ss.start()
+	if ok {
+		why = ss.loop(r.Context().Done())
+		ss.timer.Stop()
+	}
+	s.hub.ends[why].Add(1)
+}
+
+// admit subscribes the stream, or answers why not (JSON, Retry-After).
+func (s *server) admit(w http.ResponseWriter, r *http.Request) *streamState {
 	p, ok := principalFromContext(r.Context())
 	if !ok {
 		// Wiring bug: fail closed, as the list endpoint does.
 		writeError(w, r, http.StatusUnauthorized, "missing_token", "send an Authorization: Bearer <token> header")
-		return
+		return nil
 	}
 	if s.draining.Load() {
 		refuseStream(w, r, refuseShuttingDown)
-		return
+		return nil
 	}
 	if s.hub == nil {
 		refuseStream(w, r, &streamRefusal{http.StatusServiceUnavailable, "unavailable", "live updates are not enabled on this instance", 30})
-		return
+		return nil
 	}
 	if r.Method == http.MethodHead {
 		if ref := s.hub.available(); ref != nil {
 			refuseStream(w, r, ref)
-			return
+			return nil
 		}
 		setStreamHeaders(w.Header())
 		w.WriteHeader(http.StatusOK)
-		return
+		return nil
 	}
 	st, ref := s.hub.subscribe(p.userID)
 	if ref != nil {
 		refuseStream(w, r, ref)
-		return
+		return nil
 	}
-	defer s.hub.unsubscribe(st)
-	why := s.stream(w, r, p, st)
-	s.hub.ends[why].Add(1)
+	rc := http.NewResponseController(w)
+	return &streamState{s: s, sw: sseWriter{w: w, rc: rc}, p: p, st: st}
 }
 
 func refuseStream(w http.ResponseWriter, r *http.Request, ref *streamRefusal) {
@@ -111,9 +127,28 @@ func writeFailed(err error) endReason {
 	return endClientGone
 }
 
-// stream serves an accepted subscription until it ends and says why.
-func (s *server) stream(w http.ResponseWriter, r *http.Request, p principal, st *stream) endReason {
-	rc := http.NewResponseController(w)
+// streamState is one open stream as its handler goroutine sees it. It lives
+// on the heap and the work is in its methods, so the frames that stay on the
+// stack while the stream waits are small: the goroutine's stack is a large
+// part of a stream's memory, and the runtime halves a parked 16 KiB stack to
+// 8 KiB only when less than about 3.2 KiB of it is in use (everything from
+// net/http's conn.serve down to select counts).
+type streamState struct {
+	s         *server
+	sw        sseWriter
+	p         principal
+	st        *stream
+	tokenEnd  time.Time
+	lastWrite time.Time
+	keys      <-chan struct{}
+	timer     *time.Timer
+	ready     bool
+}
+
+// start writes the headers and the retry line and arms the timer; ok is
+// false when the stream is already over.
+func (ss *streamState) start() (why endReason, ok bool) {
+	s, w, rc := ss.s, ss.sw.w, ss.sw.rc
 	// The server's WriteTimeout would cut a long stream: every write below
 	// sets a deadline of its own instead. Its ReadTimeout would cancel the
 	// request context if the read deadline were still armed; net/http (Go
@@ -121,112 +156,144 @@ func (s *server) stream(w http.ResponseWriter, r *http.Request, p principal, st 
 	// request without a body, and clearing it here too keeps that true
 	// whatever the request or the server version.
 	_ = rc.SetReadDeadline(time.Time{})
-	sw := &sseWriter{w: w, rc: rc}
 	setStreamHeaders(w.Header())
-	if err := sw.begin(); err != nil {
-		return endClientGone
+	if err := ss.sw.begin(); err != nil {
+		return endClientGone, false
 	}
 	w.WriteHeader(http.StatusOK)
-	if err := sw.write([]byte(streamRetry)); err != nil {
-		return writeFailed(err)
+	if err := ss.sw.write([]byte(streamRetry)); err != nil {
+		return writeFailed(err), false
 	}
-	if err := sw.flush(); err != nil {
-		return writeFailed(err)
+	if err := ss.sw.flush(); err != nil {
+		return writeFailed(err), false
 	}
-
-	h := s.hub
-	heartbeat := h.cfg.heartbeat
 	// A stream never outlives its token: it ends when the verifier would
 	// stop accepting the token, exp + JWT_LEEWAY.
-	tokenEnd := p.exp.Add(s.verifier.cfg.leeway)
+	ss.tokenEnd = ss.p.exp.Add(s.verifier.cfg.leeway)
 	// Take the channel before asking: a key-set swap in between is then
 	// seen on the channel.
-	keys := s.verifier.keysChanged()
-	if !s.verifier.hasKey(p.kid) {
-		return s.end(sw, endKeyRemoved)
+	ss.keys = s.verifier.keysChanged()
+	if !s.verifier.hasKey(ss.p.kid) {
+		return ss.end(endKeyRemoved), false
 	}
+	ss.lastWrite = time.Now()
+	ss.timer = time.NewTimer(ss.nextWake())
+	return 0, true
+}
 
-	lastWrite := time.Now()
-	timer := time.NewTimer(nextWake(lastWrite, heartbeat, tokenEnd))
-	defer timer.Stop()
-	ready := false
+// loop waits for the next thing to do; all the work is in methods, so its
+// own frame is the select and little else.
+func (ss *streamState) loop(gone <-chan struct{}) endReason {
+	h := ss.s.hub
 	for {
 		select {
-		case d := <-st.ch:
-			if err := sw.begin(); err != nil {
+		case d, ok := <-ss.st.ch:
+			if !ok {
+				// Closed by the hub. Batches queued before the close
+				// have been written: a stream ended as unavailable loses
+				// nothing the hub had for it.
+				return ss.end(ss.st.reason)
+			}
+			if err := ss.deliver(d); err != nil {
 				return writeFailed(err)
 			}
-			for _, f := range d.frames {
-				if err := sw.write(f.data); err != nil {
-					return writeFailed(err)
-				}
+		case now := <-ss.timer.C:
+			if why, done := ss.tick(now); done {
+				return why
 			}
-			if d.ready {
-				if err := sw.write(readyEvent); err != nil {
-					return writeFailed(err)
-				}
-			}
-			if err := sw.flush(); err != nil {
-				return writeFailed(err)
-			}
-			h.events[eventRecord].Add(int64(len(d.frames)))
-			if d.ready {
-				h.events[eventReady].Add(1)
-			}
-			if ready {
-				for _, f := range d.frames {
-					if !f.notified.IsZero() {
-						h.lag.observe(time.Since(f.notified))
-					}
-				}
-			}
-			ready = ready || d.ready
-			lastWrite = time.Now()
-		case now := <-timer.C:
-			if !now.Before(tokenEnd) {
-				return s.end(sw, endTokenExpired)
-			}
-			if now.Sub(lastWrite) >= heartbeat {
-				if err := sw.begin(); err != nil {
-					return writeFailed(err)
-				}
-				if err := sw.write(pingEvent); err != nil {
-					return writeFailed(err)
-				}
-				if err := sw.flush(); err != nil {
-					return writeFailed(err)
-				}
-				h.events[eventPing].Add(1)
-				lastWrite = time.Now()
-			}
-		case <-keys:
-			keys = s.verifier.keysChanged()
-			if !s.verifier.hasKey(p.kid) {
-				return s.end(sw, endKeyRemoved)
+		case <-ss.keys:
+			if why, done := ss.keysSwapped(); done {
+				return why
 			}
 			continue
-		case <-st.kicked:
-			return s.end(sw, st.reason)
 		case <-h.closing:
-			return s.end(sw, endShuttingDown)
-		case <-r.Context().Done():
+			return ss.end(endShuttingDown)
+		case <-gone:
 			return endClientGone
 		}
-		timer.Reset(nextWake(lastWrite, heartbeat, tokenEnd))
+		ss.timer.Reset(ss.nextWake())
 	}
 }
 
+// deliver writes one batch (and ready after a snapshot) and flushes it.
+func (ss *streamState) deliver(d delivery) error {
+	h := ss.s.hub
+	if err := ss.sw.begin(); err != nil {
+		return err
+	}
+	for _, f := range d.frames {
+		if err := ss.sw.write(f.data); err != nil {
+			return err
+		}
+	}
+	if d.ready {
+		if err := ss.sw.write(readyEvent); err != nil {
+			return err
+		}
+	}
+	if err := ss.sw.flush(); err != nil {
+		return err
+	}
+	h.events[eventRecord].Add(int64(len(d.frames)))
+	if d.ready {
+		h.events[eventReady].Add(1)
+	}
+	if ss.ready {
+		for _, f := range d.frames {
+			if !f.notified.IsZero() {
+				h.lag.observe(time.Since(f.notified))
+			}
+		}
+	}
+	ss.ready = ss.ready || d.ready
+	ss.lastWrite = time.Now()
+	return nil
+}
+
+// tick ends the stream at the token's end, else pings after a silence.
+func (ss *streamState) tick(now time.Time) (endReason, bool) {
+	if !now.Before(ss.tokenEnd) {
+		return ss.end(endTokenExpired), true
+	}
+	if now.Sub(ss.lastWrite) < ss.s.hub.cfg.heartbeat {
+		return 0, false
+	}
+	if err := ss.sw.begin(); err != nil {
+		return writeFailed(err), true
+	}
+	if err := ss.sw.write(pingEvent); err != nil {
+		return writeFailed(err), true
+	}
+	if err := ss.sw.flush(); err != nil {
+		return writeFailed(err), true
+	}
+	ss.s.hub.events[eventPing].Add(1)
+	ss.lastWrite = time.Now()
+	return 0, false
+}
+
+// keysSwapped re-checks the token's key after a key-set swap.
+func (ss *streamState) keysSwapped() (endReason, bool) {
+	v := ss.s.verifier
+	ss.keys = v.keysChanged()
+	if !v.hasKey(ss.p.kid) {
+		return ss.end(endKeyRemoved), true
+	}
+	return 0, false
+}
+
 // nextWake is how long until the next heartbeat or the token's end.
-func nextWake(lastWrite time.Time, heartbeat time.Duration, tokenEnd time.Time) time.Duration {
-	at := lastWrite.Add(heartbeat)
-	if tokenEnd.Before(at) {
-		at = tokenEnd
+func (ss *streamState) nextWake() time.Duration {
+	at := ss.lastWrite.Add(ss.s.hub.cfg.heartbeat)
+	if ss.tokenEnd.Before(at) {
+		at = ss.tokenEnd
 	}
 	return max(time.Until(at), 0)
 }
 
 // end writes `event: end` and returns why; the connection closes after it.
-func (s *server) end(sw *sseWriter, why endReason) endReason {
+func (ss *streamState) end(why endReason) endReason {
+	sw := &ss.sw
 	if err := sw.begin(); err != nil {
 		return writeFailed(err)
 	}
@@ -236,6 +303,6 @@ func (s *server) end(sw *sseWriter, why endReason) endReason {
 	if err := sw.flush(); err != nil {
 		return writeFailed(err)
 	}
-	s.hub.events[eventEnd].Add(1)
+	ss.s.hub.events[eventEnd].Add(1)
 	return why
 }

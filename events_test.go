@@ -6,8 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -1066,5 +1069,82 @@ func TestStreamAnswers503AndTheLogSaysWhatToSetWhenListenGoesThroughPgBouncer(t 
 	}
 	if m := parseExposition(t, scrapeText(t, rs.base)); m.value(t, "threeds_listen_up") != 0 {
 		t.Error("threeds_listen_up is not 0")
+	}
+}
+
+// raceDetector reports whether the test binary was built with -race, which
+// enlarges every stack frame and allocation.
+func raceDetector() bool {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return false
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "-race" {
+			return s.Value == "true"
+		}
+	}
+	return false
+}
+
+// TestStreamMemoryPerOpenStreamStaysUnder32KiB measures, in this process,
+// what an open stream holds after garbage collection: heap (net/http's
+// buffers, the request, the stream) and goroutine stacks. The stack part is
+// sensitive to every frame between net/http's conn.serve and the stream's
+// select: if their sum grows past about 3.2 KiB the runtime can no longer
+// halve the handler's 16 KiB stack to 8 KiB, and each stream costs 8 KiB more.
+// (make bench measures the same thing as RSS on the real binary.)
+func TestStreamMemoryPerOpenStreamStaysUnder32KiB(t *testing.T) {
+	const streams = 1000
+	svc := newStreamService(t, streamOptions{})
+	addr := strings.TrimPrefix(svc.URL, "http://")
+	tokens := make([]string, streams)
+	for i := range tokens {
+		tokens[i] = svc.tokenFor(t, int64(100+i))
+	}
+	// Raw sockets with tiny buffers, so the client side adds little.
+	open := func(token string) net.Conn {
+		t.Helper()
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		_, _ = c.Write([]byte("GET /3ds/my-records/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer " + token + "\r\n\r\n"))
+		br := bufio.NewReaderSize(c, 16)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				t.Fatalf("stream: %v", err)
+			}
+			if line == "event: ready\n" {
+				return c
+			}
+		}
+	}
+	open(tokens[0]).Close() // warm up pools and caches
+	waitFor(t, 5*time.Second, "the warm-up stream to end", func() bool { return svc.hub.openStreams() == 0 })
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for _, tok := range tokens {
+		open(tok)
+	}
+	for range 4 { // each cycle halves a stack at most once
+		runtime.GC()
+	}
+	runtime.ReadMemStats(&after)
+	perKiB := func(b, a uint64) float64 { return float64(int64(a)-int64(b)) / streams / 1024 }
+	heap, stack := perKiB(before.HeapInuse, after.HeapInuse), perKiB(before.StackInuse, after.StackInuse)
+	t.Logf("per open stream: %.1f KiB heap + %.1f KiB stacks = %.1f KiB (race detector: %v)", heap, stack, heap+stack, raceDetector())
+	if raceDetector() {
+		return
+	}
+	if stack > 14 {
+		t.Errorf("%.1f KiB of stacks per stream: the handler's stack no longer shrinks to 8 KiB (a frame on the path from conn.serve to the stream's select grew)", stack)
+	}
+	if heap+stack > 32 {
+		t.Errorf("%.1f KiB per stream, over the 32 KiB budget", heap+stack)
 	}
 }

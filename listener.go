@@ -44,7 +44,7 @@ const (
 	// streamBuffer is how many undelivered batches a stream may hold. A
 	// stream further behind than that is a slow consumer and is ended: its
 	// client reconnects and gets the live snapshot again.
-	streamBuffer = 16
+	streamBuffer = 8
 
 	// drainWindow is how long the listener keeps reading after a
 	// notification so that notifications that arrived together (one
@@ -161,8 +161,9 @@ type delivery struct {
 // stream is one open event stream as the hub sees it.
 type stream struct {
 	userID int64
-	ch     chan delivery
-	kicked chan struct{} // closed when the hub ends the stream; reason says why
+	// ch carries the batches; the hub closes it to end the stream (reason
+	// says why), after which nothing is sent on it.
+	ch chan delivery
 
 	// Guarded by hub.mu.
 	reason endReason
@@ -267,11 +268,7 @@ func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
 	default:
 	}
 	if h.state != listenUp {
-		retry := 2
-		if h.state == listenUnavailable {
-			retry = 30
-		}
-		return nil, &streamRefusal{503, "unavailable", h.why, retry}
+		return nil, h.notListeningLocked()
 	}
 	if h.open >= h.cfg.maxStreams {
 		return nil, &streamRefusal{503, "unavailable",
@@ -281,7 +278,7 @@ func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
 		return nil, &streamRefusal{429, "too_many_streams",
 			"this user already has " + strconv.Itoa(h.cfg.perUser) + " open event streams; close one before opening another", 5}
 	}
-	st := &stream{userID: userID, ch: make(chan delivery, streamBuffer), kicked: make(chan struct{})}
+	st := &stream{userID: userID, ch: make(chan delivery, streamBuffer)}
 	h.users[userID] = append(h.users[userID], st)
 	h.open++
 	h.pending = append(h.pending, st)
@@ -302,9 +299,19 @@ func (h *hub) available() *streamRefusal {
 	default:
 	}
 	if h.state != listenUp {
-		return &streamRefusal{503, "unavailable", h.why, 2}
+		return h.notListeningLocked()
 	}
 	return nil
+}
+
+// notListeningLocked is the 503 while the session is not up: retry soon
+// while it (re)connects, later when the configuration has to change.
+func (h *hub) notListeningLocked() *streamRefusal {
+	retry := 2
+	if h.state == listenUnavailable {
+		retry = 30
+	}
+	return &streamRefusal{503, "unavailable", h.why, retry}
 }
 
 // unsubscribe forgets a stream; safe to call after the hub kicked it.
@@ -343,7 +350,7 @@ func (h *hub) kickLocked(st *stream, why endReason) {
 	}
 	st.reason = why
 	h.removeLocked(st)
-	close(st.kicked)
+	close(st.ch)
 }
 
 func (h *hub) wakeLocked() {
