@@ -718,7 +718,7 @@ func TestStreamEndsWithTokenExpiredWhenTheTokenExpires(t *testing.T) {
 	if reason != "token_expired" {
 		t.Fatalf("reason %q, want token_expired", reason)
 	}
-	if at.Before(exp) || at.After(exp.Add(leeway+time.Second)) {
+	if at.Before(exp) || at.After(exp.Add(leeway+3*time.Second)) {
 		t.Errorf("the stream ended at %s; the token expired at %s with a leeway of %s", at.Format(time.StampMilli), exp.Format(time.StampMilli), leeway)
 	}
 	if n := svc.hub.ends[endTokenExpired].Load(); n != 1 {
@@ -928,7 +928,7 @@ func startStreamRun(t *testing.T, change func(env map[string]string)) (*runningS
 
 func TestStreamEndsAtOnceOnShutdownWhileTheListEndpointDrains(t *testing.T) {
 	rs, key, dsn := startStreamRun(t, func(env map[string]string) {
-		env["SHUTDOWN_DELAY"] = "2s"
+		env["SHUTDOWN_DELAY"] = "5s"
 		env["SHUTDOWN_TIMEOUT"] = "15s"
 		env["DB_QUERY_TIMEOUT"] = "15s" // the blocked page must outlast the drain, not the query limit
 	})
@@ -955,8 +955,8 @@ func TestStreamEndsAtOnceOnShutdownWhileTheListEndpointDrains(t *testing.T) {
 	if reason != "shutting_down" {
 		t.Fatalf("reason %q, want shutting_down", reason)
 	}
-	if took := at.Sub(sigterm); took > time.Second {
-		t.Errorf("the stream ended %s after SIGTERM; it must end at once (before the 2s delay)", took)
+	if took := at.Sub(sigterm); took > 3*time.Second {
+		t.Errorf("the stream ended %s after SIGTERM; it must end at once, well before the 5s delay is over", took)
 	}
 	// During the delay the listener still answers; a new stream is refused.
 	resp, body := (&testService{Server: &httptest.Server{URL: rs.base}}).do(t, http.MethodGet, "/3ds/my-records/events", token)

@@ -76,7 +76,8 @@ SELECT 1001, '123456', 1, 'USD', 3600, now() FROM generate_series(1, 50)`)
 	got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 50 })
 	reads := svc.hub.reads.Load() - before
 	t.Logf("50 notifications of one commit: %d read(s)", reads)
-	if reads > 2 {
+	// One is the rule; a loaded machine may split the socket reads.
+	if reads > 3 {
 		t.Errorf("50 notifications that arrived together took %d reads", reads)
 	}
 	for i, id := range got {
