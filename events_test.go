@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -23,43 +24,6 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 )
-
-// installNotifyTriggerStandIn installs, in dsn's database, the NOTIFY trigger
-// of the shared decision (COMMON.md): AFTER INSERT FOR EACH ROW,
-// pg_notify('threeds_records_inserted', user_id || ':' || id).
-//
-// STAND-IN until the `migrate` branch lands on main: `threeds-records
-// migrate` installs this trigger then, and these tests switch to it.
-func installNotifyTriggerStandIn(t testing.TB, dsn string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatalf("trigger stand-in: connect: %v", err)
-	}
-	defer conn.Close(ctx)
-	_, err = conn.Exec(ctx, `
-CREATE OR REPLACE FUNCTION threeds_records_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('threeds_records_inserted', NEW.user_id || ':' || NEW.id);
-    RETURN NULL;
-END $$;
-DROP TRIGGER IF EXISTS threeds_records_notify_insert ON threeds_records;
-CREATE TRIGGER threeds_records_notify_insert AFTER INSERT ON threeds_records
-    FOR EACH ROW EXECUTE FUNCTION threeds_records_notify();`)
-	if err != nil {
-		t.Fatalf("trigger stand-in: %v", err)
-	}
-}
-
-// newStreamDB is a fresh test database with the schema and the trigger.
-func newStreamDB(t testing.TB) string {
-	t.Helper()
-	dsn := newTestDB(t)
-	installNotifyTriggerStandIn(t, dsn)
-	return dsn
-}
 
 // testHubConfig is the hub run() would build for dsn.
 func testHubConfig(t testing.TB, dsn string) hubConfig {
@@ -81,7 +45,8 @@ func publicKeys(t testing.TB, keys ...testKey) []jwk.Key {
 }
 
 // streamService is the real handler stack with a running hub, on a fresh
-// database with the trigger, behind a real JWKS endpoint.
+// database (newTestDB runs the real migrate, trigger included), behind a
+// real JWKS endpoint.
 type streamService struct {
 	*testService
 	dsn  string
@@ -97,7 +62,7 @@ type streamOptions struct {
 
 func newStreamService(t testing.TB, opts streamOptions) *streamService {
 	t.Helper()
-	dsn := newStreamDB(t)
+	dsn := newTestDB(t)
 	pool := newTestPool(t, dsn, nil)
 	if len(opts.keys) == 0 {
 		opts.keys = []testKey{newTestKey(t, jwa.ES256, "svc", 0)}
@@ -914,7 +879,7 @@ func TestStreamConfigErrorsNameTheVariable(t *testing.T) {
 // real JWKS endpoint; change adjusts the environment first.
 func startStreamRun(t *testing.T, change func(env map[string]string)) (*runningService, testKey, string) {
 	t.Helper()
-	dsn := newStreamDB(t)
+	dsn := newTestDB(t)
 	key := newTestKey(t, jwa.ES256, "run", 0)
 	idp := newJWKSServer(t, key.publicJWK(t, false))
 	env := serviceEnv(dsn, idp.URL)
@@ -1017,7 +982,9 @@ func TestStreamOutlivesTheServersReadAndWriteTimeouts(t *testing.T) {
 // LISTEN through PgBouncer in transaction mode is accepted and never
 // delivers: the self-probe finds out, the stream answers 503 saying why,
 // the log says once what to set, and the list endpoint and readiness are
-// untouched.
+// untouched. The PgBouncer is stock, so it first refuses the
+// statement_timeout startup parameter; the LISTEN session connects without
+// it, as the query pool does, and gets as far as the probe.
 func TestStreamAnswers503AndTheLogSaysWhatToSetWhenListenGoesThroughPgBouncer(t *testing.T) {
 	rs, key, dsn := startStreamRun(t, func(env map[string]string) {
 		bouncer := startPgBouncer(t, databaseName(t, env["DATABASE_URL"]))
@@ -1066,6 +1033,15 @@ func TestStreamAnswers503AndTheLogSaysWhatToSetWhenListenGoesThroughPgBouncer(t 
 				t.Errorf("the start line does not tell the query and LISTEN targets apart: %v / %v", l["database"], l["listen_database"])
 			}
 		}
+	}
+	refusals := 0
+	for _, l := range rs.stdout.logLines(t) {
+		if strings.HasPrefix(fmt.Sprint(l["msg"]), "live updates: DATABASE_LISTEN_URL refused the statement_timeout") {
+			refusals++
+		}
+	}
+	if refusals != 1 {
+		t.Errorf("%d log lines about the refused statement_timeout, want one", refusals)
 	}
 	if m := parseExposition(t, scrapeText(t, rs.base)); m.value(t, "threeds_listen_up") != 0 {
 		t.Error("threeds_listen_up is not 0")

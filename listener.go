@@ -207,6 +207,11 @@ type hub struct {
 	cancel    context.CancelFunc
 	done      chan struct{}
 
+	// noStatementTimeout: the target refused the statement_timeout startup
+	// parameter (a pooler, see statementTimeoutFallback); connect without
+	// it from then on. Reads stay bounded by their client-side deadline.
+	noStatementTimeout atomic.Bool
+
 	events        [numEventTypes]atomic.Int64
 	ends          [numEndReasons]atomic.Int64
 	lag           histogram
@@ -472,7 +477,7 @@ func (h *hub) session(ctx context.Context, everUp bool) (up bool, err error) {
 	// on this goroutine from inside whatever call is reading the socket.
 	var incoming []notification
 	probed := false
-	cfg := h.cfg.conn.Copy()
+	cfg := h.connConfig()
 	cfg.OnNotification = func(_ *pgconn.PgConn, n *pgconn.Notification) {
 		switch n.Channel {
 		case notifyChannel:
@@ -493,6 +498,10 @@ func (h *hub) session(ctx context.Context, everUp bool) (up bool, err error) {
 	cfg.DialFunc = dialer.DialContext
 
 	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil && h.refusedStatementTimeout(err) {
+		delete(cfg.RuntimeParams, "statement_timeout")
+		conn, err = pgx.ConnectConfig(ctx, cfg)
+	}
 	if err != nil {
 		return false, fmt.Errorf("connect: %w", err)
 	}
@@ -635,11 +644,34 @@ func (h *hub) drain(ctx context.Context, pg *pgconn.PgConn) error {
 	return nil
 }
 
+// connConfig is a copy of DATABASE_LISTEN_URL's settings for one connection.
+func (h *hub) connConfig() *pgx.ConnConfig {
+	cfg := h.cfg.conn.Copy()
+	if h.noStatementTimeout.Load() {
+		delete(cfg.RuntimeParams, "statement_timeout")
+	}
+	return cfg
+}
+
+// refusedStatementTimeout reports a pooler's refusal of the statement_timeout
+// startup parameter, the first time with a log line: the next attempt goes
+// without it, and the self-probe then tells whether LISTEN works there.
+func (h *hub) refusedStatementTimeout(err error) bool {
+	if !refusesStatementTimeout(err) {
+		return false
+	}
+	if h.noStatementTimeout.CompareAndSwap(false, true) {
+		h.logger.Warn("live updates: DATABASE_LISTEN_URL refused the statement_timeout startup parameter (a pooler?); connecting without it",
+			"listen_database", redactedConnURL(h.cfg.conn), "refusal", refusalMessage(err))
+	}
+	return true
+}
+
 // sendProbe notifies the probe channel from a session of its own.
 func (h *hub) sendProbe(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, h.cfg.probeTimeout)
 	defer cancel()
-	conn, err := pgx.ConnectConfig(ctx, h.cfg.conn)
+	conn, err := pgx.ConnectConfig(ctx, h.connConfig())
 	if err != nil {
 		return err
 	}
