@@ -654,16 +654,15 @@ func (h *hub) connConfig() *pgx.ConnConfig {
 }
 
 // refusedStatementTimeout reports a pooler's refusal of the statement_timeout
-// startup parameter, the first time with a log line: the next attempt goes
-// without it, and the self-probe then tells whether LISTEN works there.
+// startup parameter; the next attempt goes without it, and the self-probe
+// then tells whether LISTEN works there. No log line of its own: when the
+// pooler is DATABASE_URL's too, the pool's warning has said it once, and
+// otherwise the probe's verdict says what to set.
 func (h *hub) refusedStatementTimeout(err error) bool {
 	if !refusesStatementTimeout(err) {
 		return false
 	}
-	if h.noStatementTimeout.CompareAndSwap(false, true) {
-		h.logger.Warn("live updates: DATABASE_LISTEN_URL refused the statement_timeout startup parameter (a pooler?); connecting without it",
-			"listen_database", redactedConnURL(h.cfg.conn), "refusal", refusalMessage(err))
-	}
+	h.noStatementTimeout.Store(true)
 	return true
 }
 
