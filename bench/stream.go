@@ -138,7 +138,11 @@ type streamResult struct {
 	firstProblem string
 
 	tpsWith, tpsWithout, tpsNoListener []float64
-	pgbenchNote                        string
+	// The service's CPU while pgbench ran, in µs, and the inserts it heard
+	// of: what receiving one notification costs the listener's side.
+	svcMicrosWith, svcMicrosWithout   int64
+	svcSecondsWith, svcSecondsWithout float64
+	pgbenchNote                       string
 }
 
 func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
@@ -264,7 +268,7 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	logf("stream: writer throughput with and without the trigger (pgbench, %d x %s each)", *pgbenchRounds, *pgbenchT)
 	pb, err := newPgbench(o)
 	if err == nil {
-		err = pb.withAndWithout(ctx, admin, triggerDef, r)
+		err = pb.withAndWithout(ctx, admin, triggerDef, r, pid)
 	}
 	r.pings, r.ends, r.dropped = b.pings.Load(), b.ends.Load(), b.dropped.Load()
 	b.errMu.Lock()
@@ -630,7 +634,7 @@ func (p *pgbench) run(ctx context.Context) (float64, error) {
 // withAndWithout runs pgbench alternately with and without the NOTIFY
 // trigger (dropped, then recreated from its own definition), the service
 // listening throughout, and leaves the trigger in place.
-func (p *pgbench) withAndWithout(ctx context.Context, admin *pgx.Conn, triggerDef string, r *streamResult) (err error) {
+func (p *pgbench) withAndWithout(ctx context.Context, admin *pgx.Conn, triggerDef string, r *streamResult, svcPid int) (err error) {
 	present := true
 	setTrigger := func(on bool) error {
 		if on == present {
@@ -669,15 +673,23 @@ func (p *pgbench) withAndWithout(ctx context.Context, admin *pgx.Conn, triggerDe
 			if err := setTrigger(with); err != nil {
 				return err
 			}
+			c0, _ := cpuTicks(svcPid)
+			t0 := time.Now()
 			tps, err := p.run(ctx)
 			if err != nil {
 				return err
 			}
+			c1, _ := cpuTicks(svcPid)
+			micros := (c1 - c0) * (1e6 / clockTicks)
 			logf("stream: pgbench round %d, trigger %v: %.0f tps", round+1, with, tps)
 			if with {
 				r.tpsWith = append(r.tpsWith, tps)
+				r.svcMicrosWith += micros
+				r.svcSecondsWith += time.Since(t0).Seconds()
 			} else {
 				r.tpsWithout = append(r.tpsWithout, tps)
+				r.svcMicrosWithout += micros
+				r.svcSecondsWithout += time.Since(t0).Seconds()
 			}
 		}
 	}
@@ -757,6 +769,11 @@ func printStreamReport(w io.Writer, r *streamResult) {
 		ratio = mean(r.tpsWith) / mean(r.tpsWithout)
 		fmt.Fprintf(w, "  writer (pgbench): %d clients, %d x %s per variant, users nobody streams: with trigger %.0f tps %v, without %.0f tps %v → %.0f%%\n",
 			*pgbenchC, len(r.tpsWith), *pgbenchT, mean(r.tpsWith), roundAll(r.tpsWith), mean(r.tpsWithout), roundAll(r.tpsWithout), ratio*100)
+		if heard := mean(r.tpsWith) * r.svcSecondsWith; heard > 0 {
+			fmt.Fprintf(w, "                    the service's CPU meanwhile: %.0f%% of a core with the trigger (%.1f µs per notification), %.0f%% without\n",
+				100*float64(r.svcMicrosWith)/(r.svcSecondsWith*1e6), float64(r.svcMicrosWith)/heard,
+				100*float64(r.svcMicrosWithout)/(max(r.svcSecondsWithout, 1)*1e6))
+		}
 		if len(r.tpsNoListener) > 0 {
 			fmt.Fprintf(w, "                    trigger with nobody listening (service stopped): %.0f tps %v → %.0f%% of without\n",
 				mean(r.tpsNoListener), roundAll(r.tpsNoListener), 100*mean(r.tpsNoListener)/mean(r.tpsWithout))
