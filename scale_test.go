@@ -1,0 +1,561 @@
+package main
+
+// Scaling out on PostgreSQL's own machinery (issue 10), with real parts: a
+// primary and a hot standby made by scripts/pg.sh (pg_basebackup -R), the
+// service reading from the standby, the real binary rolled replica by
+// replica behind a retrying client, and a real PgBouncer in front of the
+// standby. The figures these tests log (replication delay, rolling-restart
+// counts) are what docs/scaling.md quotes; they are measured, not asserted
+// tightly: timing targets live in benchmarks.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/lestrrat-go/jwx/v2/jwa"
+)
+
+// replicaPair is a primary with a streaming hot standby, the schema and
+// several users' records on both, and keys to sign tokens with.
+type replicaPair struct {
+	primary, standby *testCluster
+	key              testKey
+	jwks             string
+	users            []int64 // the last one has no records
+	perUser          int
+	tokens           map[int64]string
+}
+
+func newReplicaPair(t *testing.T) *replicaPair {
+	t.Helper()
+	p := &replicaPair{users: []int64{201, 202, 203, 204, 205, 206}, perUser: 23, tokens: map[int64]string{}}
+	p.primary = startCluster(t)
+	p.standby = startStandby(t, p.primary)
+	pool := newTestPool(t, p.primary.url, nil)
+	if _, err := pool.Exec(context.Background(), schemaSQL); err != nil {
+		t.Fatalf("apply schema on the primary: %v", err)
+	}
+	// Varied columns, so that comparing bodies compares formatting too:
+	// minor units per currency, a NULL merchant, ties on received_at.
+	currencies := []string{"USD", "JPY", "KWD", "EUR"}
+	var rows []seedRow
+	for _, u := range p.users[:len(p.users)-1] {
+		for i := 1; i <= p.perUser; i++ {
+			r := row(u*1000+int64(i), u, time.Date(2020, 1, 1, 0, 0, i/2, 0, time.UTC).Format(time.RFC3339))
+			r.currency = currencies[i%len(currencies)]
+			r.amount = fmt.Sprintf("%d.5", i)
+			r.passcode = fmt.Sprintf("%06d", i)
+			if i%5 == 0 {
+				r.merchant = nil
+			}
+			rows = append(rows, r)
+		}
+	}
+	insertRows(t, pool, rows...)
+	pool.Close()
+	waitForReplay(t, p.primary.url, p.standby.url)
+	p.key = newTestKey(t, jwa.ES256, "scale", 0)
+	p.jwks = newJWKSServer(t, p.key.publicJWK(t, false)).URL
+	for _, u := range p.users {
+		p.tokens[u] = p.key.token(t, validClaims(u))
+	}
+	return p
+}
+
+// pagePaths are the requests whose answers must not depend on which
+// server the service reads from: every page of every user in two sizes,
+// the default page, a page past the end and a user with nothing.
+func (p *replicaPair) pagePaths() (paths []string, users []int64) {
+	for _, u := range p.users {
+		for page := 1; page <= 6; page++ {
+			paths = append(paths, fmt.Sprintf("/3ds/my-records?page=%d&page_size=5", page))
+			users = append(users, u)
+		}
+		paths = append(paths, "/3ds/my-records?page_size=100", "/3ds/my-records")
+		users = append(users, u, u)
+	}
+	return paths, users
+}
+
+// assertSamePages fetches every page from both services and wants the
+// same status and the same bytes.
+func (p *replicaPair) assertSamePages(t *testing.T, want, got string) {
+	t.Helper()
+	paths, users := p.pagePaths()
+	for i, path := range paths {
+		a := mustFetch(t, opsClient, want+path, p.tokens[users[i]])
+		b := mustFetch(t, opsClient, got+path, p.tokens[users[i]])
+		if a.code != http.StatusOK || b.code != a.code || !bytes.Equal(a.body, b.body) {
+			t.Errorf("user %d %s:\n primary: %d %s\n standby: %d %s", users[i], path, a.code, a.body, b.code, b.body)
+		}
+	}
+	// Not a vacuous comparison: the pages hold the seeded records.
+	a := mustFetch(t, opsClient, got+"/3ds/my-records?page_size=100", p.tokens[p.users[0]])
+	var page pageBody
+	if err := json.Unmarshal(a.body, &page); err != nil || page.Data.Total != int64(p.perUser) {
+		t.Fatalf("user %d through the standby: %s, want %d records", p.users[0], a.body, p.perUser)
+	}
+}
+
+// newestID is the id of the user's newest record as the service at base
+// returns it, 0 when there is none or the request failed.
+func newestID(base, token string) int64 {
+	a := fetch(opsClient, http.MethodGet, base+"/3ds/my-records?page_size=1", token, "")
+	if a.err != nil || a.code != http.StatusOK {
+		return 0
+	}
+	var page pageBody
+	if json.Unmarshal(a.body, &page) != nil || len(page.Data.Records) == 0 {
+		return 0
+	}
+	return page.Data.Records[0].ID
+}
+
+// insertLive stores a new, live record for user through the writer's
+// session, as the card-issuer integration does, and returns its id once
+// the commit has returned.
+func insertLive(t testing.TB, writer *pgx.Conn, user int64) int64 {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var id int64
+	err := writer.QueryRow(ctx, `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
+VALUES ($1, '424242', 1, 'EUR', 'Scale test', 300, clock_timestamp()) RETURNING id`, user).Scan(&id)
+	if err != nil {
+		t.Fatalf("insert on the primary: %v", err)
+	}
+	return id
+}
+
+// durations summarises measured waits for the log.
+type durations []time.Duration
+
+func (d durations) String() string {
+	if len(d) == 0 {
+		return "no samples"
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	at := func(q float64) time.Duration { return s[int(q*float64(len(s)-1))].Round(10 * time.Microsecond) }
+	return fmt.Sprintf("n=%d p50=%s p90=%s p99=%s max=%s", len(s), at(0.5), at(0.9), at(0.99), s[len(s)-1].Round(10*time.Microsecond))
+}
+
+func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationDelay(t *testing.T) {
+	p := newReplicaPair(t)
+	onPrimary := startRunReady(t, serviceEnv(p.primary.url, p.jwks))
+	onStandby := startRunReady(t, serviceEnv(p.standby.url, p.jwks))
+
+	t.Run("every page is byte for byte the primary's", func(t *testing.T) {
+		p.assertSamePages(t, onPrimary.base, onStandby.base)
+	})
+
+	// Commit on the primary → the record is the newest one the service on
+	// the standby returns. The wait is polled every millisecond through the
+	// service, so each figure includes one page request (about a
+	// millisecond here). synchronous_commit decides when the commit's WAL
+	// is flushed, and a walsender only sends flushed WAL: off (what
+	// scripts/pg.sh sets for speed) leaves it to the WAL writer, every
+	// wal_writer_delay (200 ms).
+	for _, tc := range []struct {
+		name, synchronousCommit string
+		inserts                 int
+	}{
+		{"a record committed with synchronous_commit on (PostgreSQL's default) is served from the standby after the replication delay", "on", 50},
+		{"a record committed with synchronous_commit off is served from the standby after at most wal_writer_delay more", "off", 20},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			writer, err := pgx.Connect(ctx, p.primary.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer writer.Close(ctx)
+			if _, err := writer.Exec(ctx, "SET synchronous_commit = "+tc.synchronousCommit); err != nil {
+				t.Fatal(err)
+			}
+			var delays durations
+			for i := range tc.inserts {
+				user := p.users[i%(len(p.users)-1)]
+				id := insertLive(t, writer, user)
+				committed := time.Now()
+				deadline := committed.Add(10 * time.Second)
+				for newestID(onStandby.base, p.tokens[user]) != id {
+					if time.Now().After(deadline) {
+						t.Fatalf("record %d of user %d not served from the standby 10s after its commit", id, user)
+					}
+					time.Sleep(time.Millisecond)
+				}
+				delays = append(delays, time.Since(committed))
+			}
+			t.Logf("commit on the primary -> served from the standby, synchronous_commit=%s: %s", tc.synchronousCommit, delays)
+		})
+	}
+}
+
+// gateway stands in for the load balancer in front of the replicas: each
+// request goes to the next replica in rotation and, on a connection error
+// or a 503, once more to another one (nginx's proxy_next_upstream, an
+// Envoy retry policy). With probing, a replica is in rotation while its
+// /readyz answers 200 on a fresh connection, checked every 50 ms as an
+// endpoints controller would; without, it stays in rotation until it is
+// removed, and only the retry saves the requests sent to it once it has
+// closed its listener.
+type gateway struct {
+	client *http.Client
+	probe  *http.Client
+	probes bool
+
+	mu       sync.Mutex
+	replicas []string // registered, in start order
+	ready    map[string]bool
+	next     int
+}
+
+func newGateway(t *testing.T, probes bool) *gateway {
+	g := &gateway{
+		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 16}},
+		probe:  &http.Client{Timeout: 500 * time.Millisecond, Transport: &http.Transport{DisableKeepAlives: true}},
+		probes: probes,
+		ready:  map[string]bool{},
+	}
+	if !probes {
+		return g
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			g.mu.Lock()
+			replicas := slices.Clone(g.replicas)
+			g.mu.Unlock()
+			for _, r := range replicas {
+				a := fetch(g.probe, http.MethodGet, r+"/readyz", "", "")
+				g.mu.Lock()
+				if _, still := g.ready[r]; still {
+					g.ready[r] = a.err == nil && a.code == http.StatusOK
+				}
+				g.mu.Unlock()
+			}
+		}
+	}()
+	return g
+}
+
+// add registers a replica whose /readyz has answered 200.
+func (g *gateway) add(base string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.replicas = append(g.replicas, base)
+	g.ready[base] = !g.probes
+}
+
+func (g *gateway) remove(base string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.replicas = slices.DeleteFunc(g.replicas, func(r string) bool { return r == base })
+	delete(g.ready, base)
+}
+
+func (g *gateway) isReady(base string) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.ready[base]
+}
+
+// pick is the next replica in rotation other than avoid; "" when there is
+// none.
+func (g *gateway) pick(avoid string) string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for range len(g.replicas) {
+		r := g.replicas[g.next%len(g.replicas)]
+		g.next++
+		if r != avoid && g.ready[r] {
+			return r
+		}
+	}
+	return ""
+}
+
+// get is one request as the client behind the gateway sees it; retried
+// says the first replica failed it.
+func (g *gateway) get(path, token string) (a answer, retried bool) {
+	first := g.pick("")
+	if first == "" {
+		return answer{code: http.StatusBadGateway, err: fmt.Errorf("no replica in rotation")}, false
+	}
+	a = fetch(g.client, http.MethodGet, first+path, token, "")
+	if a.err == nil && a.code != http.StatusServiceUnavailable {
+		return a, false
+	}
+	second := g.pick(first)
+	if second == "" {
+		return a, true
+	}
+	return fetch(g.client, http.MethodGet, second+path, token, ""), true
+}
+
+// loadTally is what the clients behind the gateway saw.
+type loadTally struct {
+	requests, retried, failed, non2xx, wrong atomic.Int64
+
+	mu            sync.Mutex
+	latencies     durations
+	firstProblems []string
+}
+
+func (l *loadTally) problem(s string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.firstProblems) < 10 {
+		l.firstProblems = append(l.firstProblems, s)
+	}
+}
+
+// pageLoad sends random pages through g from workers goroutines until
+// stop is closed, checking each answer against the body the page had
+// before the load began (the data does not change meanwhile).
+func (p *replicaPair) pageLoad(t *testing.T, g *gateway, base string, workers int, stop <-chan struct{}) (*loadTally, *sync.WaitGroup) {
+	t.Helper()
+	paths, users := p.pagePaths()
+	want := make([][]byte, len(paths))
+	for i, path := range paths {
+		want[i] = mustFetch(t, opsClient, base+path, p.tokens[users[i]]).body
+	}
+	l := &loadTally{}
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(w), 10))
+			var mine durations
+			defer func() { l.mu.Lock(); l.latencies = append(l.latencies, mine...); l.mu.Unlock() }()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				i := rng.IntN(len(paths))
+				start := time.Now()
+				a, again := g.get(paths[i], p.tokens[users[i]])
+				mine = append(mine, time.Since(start))
+				l.requests.Add(1)
+				if again {
+					l.retried.Add(1)
+				}
+				switch {
+				case a.err != nil:
+					l.failed.Add(1)
+					l.problem(fmt.Sprintf("%s: %v", paths[i], a.err))
+				case a.code < 200 || a.code > 299:
+					l.non2xx.Add(1)
+					l.problem(fmt.Sprintf("%s: %d %s", paths[i], a.code, a.body))
+				case !bytes.Equal(a.body, want[i]):
+					l.wrong.Add(1)
+					l.problem(fmt.Sprintf("%s: another body: %s", paths[i], a.body))
+				}
+			}
+		}()
+	}
+	return l, &wg
+}
+
+func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
+	p := newReplicaPair(t)
+	for _, tc := range []struct {
+		name          string
+		probes        bool
+		shutdownDelay string
+	}{
+		{"when the gateway stops routing to a draining replica from its readiness", true, "500ms"},
+		{"when the gateway only learns from refused connections and retries them on the other replica", false, "100ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv(p.standby.url, p.jwks)
+			env["SHUTDOWN_DELAY"] = tc.shutdownDelay
+			env["SHUTDOWN_TIMEOUT"] = "5s"
+			g := newGateway(t, tc.probes)
+			start := func() *binaryService {
+				b := startBinary(t, env)
+				waitFor(t, 15*time.Second, "a new replica's readiness", func() bool {
+					return fetch(freshConnClient, http.MethodGet, b.base+"/readyz", "", "").code == http.StatusOK
+				})
+				g.add(b.base)
+				waitFor(t, 5*time.Second, "a new replica in rotation", func() bool { return g.isReady(b.base) })
+				return b
+			}
+			replicas := []*binaryService{start(), start()}
+
+			const workers = 8
+			stop := make(chan struct{})
+			load, wg := p.pageLoad(t, g, replicas[0].base, workers, stop)
+
+			// A rolling update with one surge replica: the new process is
+			// in rotation before the old one gets SIGTERM, one at a time.
+			loadStart := time.Now()
+			time.Sleep(1200 * time.Millisecond)
+			var exits []string
+			for i, old := range replicas {
+				fresh := start()
+				signalled := time.Now()
+				if err := old.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case <-old.exited:
+				case <-time.After(15 * time.Second):
+					t.Fatalf("old replica %d did not exit within 15s of SIGTERM", i)
+				}
+				exits = append(exits, time.Since(signalled).Round(time.Millisecond).String())
+				if old.exitErr != nil {
+					t.Errorf("old replica %d: exit %v, want 0; log:\n%s", i, old.exitErr, old.stdout.String())
+				}
+				g.remove(old.base)
+				replicas[i] = fresh
+				time.Sleep(time.Second)
+			}
+			close(stop)
+			wg.Wait()
+			elapsed := time.Since(loadStart)
+
+			n := load.requests.Load()
+			t.Logf("rolling restart of 2 replicas (SHUTDOWN_DELAY %s, gateway probes readiness: %t), %d workers for %s: %d requests (%.0f/s), %d retried once on the other replica, %d failed, %d non-2xx, %d wrong bodies; latency %s; SIGTERM -> exit 0: %s",
+				tc.shutdownDelay, tc.probes, workers, elapsed.Round(time.Millisecond), n, float64(n)/elapsed.Seconds(),
+				load.retried.Load(), load.failed.Load(), load.non2xx.Load(), load.wrong.Load(), load.latencies, strings.Join(exits, ", "))
+			if load.failed.Load() != 0 || load.non2xx.Load() != 0 || load.wrong.Load() != 0 {
+				t.Errorf("a rolling restart lost requests: %d failed, %d non-2xx, %d wrong; first: %q",
+					load.failed.Load(), load.non2xx.Load(), load.wrong.Load(), load.firstProblems)
+			}
+			if n < 100 {
+				t.Errorf("only %d requests were sent: the load did not run", n)
+			}
+		})
+	}
+}
+
+// startPgBouncerOn starts scripts/pgbouncer.sh (transaction mode) in front
+// of upstream and returns its URL. startPgBouncer in pgbouncer_test.go
+// always fronts DATABASE_URL; here the upstream is a test's own standby.
+func startPgBouncerOn(t *testing.T, upstream string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "threeds-bouncer-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "scripts/pgbouncer.sh", "start", dir, upstream)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	t.Cleanup(func() {
+		if out, err := exec.Command("bash", "scripts/pgbouncer.sh", "stop", dir).CombinedOutput(); err != nil {
+			t.Errorf("scripts/pgbouncer.sh stop: %v\n%s", err, out)
+		}
+		_ = os.RemoveAll(dir)
+	})
+	if err != nil {
+		t.Fatalf("scripts/pgbouncer.sh start: %v\n%s", err, stderr.String())
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// hostPort is the host:port of a postgres:// URL.
+func hostPort(t testing.TB, dsn string) string {
+	t.Helper()
+	u, err := url.Parse(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.Host
+}
+
+// bouncerServers lists PgBouncer's server connections (SHOW SERVERS on
+// its admin console) as "database@host:port": where the pooled queries go.
+func bouncerServers(t testing.TB, bouncerURL string) []string {
+	t.Helper()
+	admin, err := withDatabase(bouncerURL, "pgbouncer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// The admin console speaks the simple query protocol only.
+	conn, err := pgx.Connect(ctx, withParams(admin, "default_query_exec_mode=simple_protocol"))
+	if err != nil {
+		t.Fatalf("pgbouncer admin console: %v", err)
+	}
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, "SHOW SERVERS")
+	if err != nil {
+		t.Fatalf("SHOW SERVERS: %v", err)
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		vals, err := rows.Values()
+		if err != nil {
+			t.Fatal(err)
+		}
+		col := map[string]string{}
+		for i, f := range rows.FieldDescriptions() {
+			col[f.Name] = fmt.Sprint(vals[i])
+		}
+		out = append(out, col["database"]+"@"+col["addr"]+":"+col["port"])
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatalf("SHOW SERVERS: %v", err)
+	}
+	return out
+}
+
+func TestStandbyBehindPgBouncerServesTheSamePagesAndTheStartLogNamesIt(t *testing.T) {
+	p := newReplicaPair(t)
+	onPrimary := startRunReady(t, serviceEnv(p.primary.url, p.jwks))
+	bouncer := startPgBouncerOn(t, p.standby.url)
+
+	// Transaction mode: pgx must not rely on statements prepared on a
+	// server connection (docs/deploying.md).
+	env := serviceEnv(withParams(bouncer, "default_query_exec_mode=exec"), p.jwks)
+	env["DATABASE_LISTEN_URL"] = p.primary.url
+	svc := startRunReady(t, env)
+	p.assertSamePages(t, onPrimary.base, svc.base)
+	if servers := bouncerServers(t, bouncer); !slices.Contains(servers, "postgres@"+hostPort(t, p.standby.url)) {
+		t.Errorf("PgBouncer's server connections %q do not include the standby at %s", servers, hostPort(t, p.standby.url))
+	}
+
+	var listening map[string]any
+	for _, l := range svc.stdout.logLines(t) {
+		if l["msg"] == "listening" {
+			listening = l
+		}
+	}
+	if got, want := fmt.Sprint(listening["database"]), hostPort(t, bouncer); !strings.Contains(got, want) {
+		t.Errorf("the start log's database = %q, want the pooler at %s", got, want)
+	}
+}
