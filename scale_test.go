@@ -12,13 +12,16 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -461,9 +464,10 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 }
 
 // startPgBouncerOn starts scripts/pgbouncer.sh (transaction mode) in front
-// of upstream and returns its URL. startPgBouncer in pgbouncer_test.go
-// always fronts DATABASE_URL; here the upstream is a test's own standby.
-func startPgBouncerOn(t *testing.T, upstream string) string {
+// of upstream and returns its URL and directory. startPgBouncer in
+// pgbouncer_test.go always fronts DATABASE_URL; here the upstream is a
+// test's own standby.
+func startPgBouncerOn(t *testing.T, upstream string) (url, dir string) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "threeds-bouncer-")
 	if err != nil {
@@ -482,7 +486,7 @@ func startPgBouncerOn(t *testing.T, upstream string) string {
 	if err != nil {
 		t.Fatalf("scripts/pgbouncer.sh start: %v\n%s", err, stderr.String())
 	}
-	return strings.TrimSpace(string(out))
+	return strings.TrimSpace(string(out)), dir
 }
 
 // hostPort is the host:port of a postgres:// URL.
@@ -537,7 +541,7 @@ func bouncerServers(t testing.TB, bouncerURL string) []string {
 func TestStandbyBehindPgBouncerServesTheSamePagesAndTheStartLogNamesIt(t *testing.T) {
 	p := newReplicaPair(t)
 	onPrimary := startRunReady(t, serviceEnv(p.primary.url, p.jwks))
-	bouncer := startPgBouncerOn(t, p.standby.url)
+	bouncer, bouncerDir := startPgBouncerOn(t, p.standby.url)
 
 	// Transaction mode: pgx must not rely on statements prepared on a
 	// server connection (docs/deploying.md).
@@ -558,4 +562,112 @@ func TestStandbyBehindPgBouncerServesTheSamePagesAndTheStartLogNamesIt(t *testin
 	if got, want := fmt.Sprint(listening["database"]), hostPort(t, bouncer); !strings.Contains(got, want) {
 		t.Errorf("the start log's database = %q, want the pooler at %s", got, want)
 	}
+
+	t.Run("what a page costs PgBouncer and the server behind it, against a direct pool (measured, not asserted)", func(t *testing.T) {
+		bouncerPID, err1 := pidFromFile(filepath.Join(bouncerDir, "pgbouncer.pid"))
+		standbyPID, err2 := pidFromFile(filepath.Join(p.standby.dir, "data", "postmaster.pid"))
+		primaryPID, err3 := pidFromFile(filepath.Join(p.primary.dir, "data", "postmaster.pid"))
+		if err := errors.Join(err1, err2, err3); err != nil {
+			t.Skipf("no pids to measure: %v", err)
+		}
+		n, cpu := p.measurePages(t, onPrimary.base, cpuOf{primaryPID, true})
+		t.Logf("direct pool (pgx statement cache) on the primary: %d pages; PostgreSQL %s per page", n, cpu[0])
+		n, cpu = p.measurePages(t, svc.base, cpuOf{standbyPID, true}, cpuOf{bouncerPID, false})
+		t.Logf("PgBouncer (transaction mode, default_query_exec_mode=exec) to the standby: %d pages; PostgreSQL %s per page, PgBouncer %s per page", n, cpu[0], cpu[1])
+	})
+}
+
+// cpuOf names a process whose CPU a measurement reads: with children, a
+// postmaster and its backends.
+type cpuOf struct {
+	pid      int
+	children bool
+}
+
+// measurePages sends page 1 (20 records) of random users to the service at
+// base from 8 workers for 3 s and returns how many were served and the CPU
+// each process used per page. /proc counts CPU in 10 ms ticks, so a figure
+// is good to about 10 ms / pages.
+func (p *replicaPair) measurePages(t *testing.T, base string, procs ...cpuOf) (int64, []time.Duration) {
+	t.Helper()
+	const workers = 8
+	users := p.users[:len(p.users)-1]
+	var requests, failures atomic.Int64
+	before := make([]time.Duration, len(procs))
+	for i, pr := range procs {
+		before[i] = cpuTime(pr.pid, pr.children)
+	}
+	stop := time.Now().Add(3 * time.Second)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; time.Now().Before(stop); i += workers {
+				u := users[i%len(users)]
+				if a := fetch(opsClient, http.MethodGet, base+"/3ds/my-records", p.tokens[u], ""); a.err != nil || a.code != http.StatusOK {
+					failures.Add(1)
+				}
+				requests.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	n := requests.Load()
+	if failures.Load() != 0 {
+		t.Errorf("%d of %d pages failed", failures.Load(), n)
+	}
+	per := make([]time.Duration, len(procs))
+	for i, pr := range procs {
+		per[i] = ((cpuTime(pr.pid, pr.children) - before[i]) / time.Duration(max(n, 1))).Round(time.Microsecond)
+	}
+	return n, per
+}
+
+// pidFromFile reads the pid on the first line of a pid file (PgBouncer's,
+// or PostgreSQL's postmaster.pid).
+func pidFromFile(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	return strconv.Atoi(strings.TrimSpace(first))
+}
+
+// cpuTime is the user+system CPU pid has used (with children: plus that of
+// its live child processes, a postmaster's backends), from /proc; 0 where
+// there is no /proc. Backends that exit take their time with them, so it is
+// read while the pooler holds its server connections open.
+func cpuTime(pid int, children bool) time.Duration {
+	ticks := func(pid int) (ticks int64, parent int) {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		i := bytes.LastIndexByte(b, ')')
+		if err != nil || i < 0 {
+			return 0, 0
+		}
+		// Fields after the command: state, ppid, ..., utime (14th of the
+		// line) and stime (15th).
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 {
+			return 0, 0
+		}
+		parent, _ = strconv.Atoi(f[1])
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		s, _ := strconv.ParseInt(f[12], 10, 64)
+		return u + s, parent
+	}
+	total, _ := ticks(pid)
+	if children {
+		entries, _ := os.ReadDir("/proc")
+		for _, e := range entries {
+			if child, err := strconv.Atoi(e.Name()); err == nil && child != pid {
+				if t, parent := ticks(child); parent == pid {
+					total += t
+				}
+			}
+		}
+	}
+	// USER_HZ is 100 on every architecture Go supports.
+	return time.Duration(total) * 10 * time.Millisecond
 }
