@@ -14,7 +14,9 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -78,7 +80,19 @@ type authConfig struct {
 	// service into a load generator against the identity provider).
 	refreshEvery  time.Duration
 	minRefreshGap time.Duration
+
+	// transport carries the JWKS fetches; nil means http.DefaultTransport.
+	// Only tests set it, to trust an httptest TLS server's certificate.
+	transport http.RoundTripper
 }
+
+// fetchTimeout bounds one JWKS load, background or forced: an identity
+// provider that accepts the connection and never answers must not hold the
+// refresh (and the requests waiting on a forced one) for long.
+const fetchTimeout = 5 * time.Second
+
+// maxJWKSRedirects is how many same-origin redirects a fetch follows.
+const maxJWKSRedirects = 5
 
 // Verifier checks bearer tokens against a JWK Set it keeps fresh in the
 // background. The set is swapped atomically, so verification never waits on a
@@ -88,15 +102,31 @@ type Verifier struct {
 	logger *slog.Logger
 	load   func(ctx context.Context) ([]byte, error)
 	now    func() time.Time
+	// source names where the keys come from in log lines: JWKS_URL with its
+	// user-info and query string redacted, or the JWKS_FILE path.
+	source string
 
 	keys atomic.Pointer[keyring]
 
-	refreshMu   sync.Mutex
-	lastRefresh time.Time
-	lastRaw     []byte
+	// refreshMu serialises loads and installs, so a slow older response can
+	// never replace a newer set.
+	refreshMu sync.Mutex
+	lastRaw   []byte
 
+	// bg lives until Close: the background loop and every forced refresh run
+	// on it, never on a client's request context, so a client that goes away
+	// cannot cancel a fetch other requests depend on.
+	bg             context.Context
 	stopBackground context.CancelFunc
 	done           chan struct{}
+
+	// The forced refresh for unknown kids (refreshForUnknownKid): at most one
+	// in flight, shared by every request waiting on it.
+	forcedMu       sync.Mutex
+	forced         chan struct{} // closed when the refresh in flight ends; nil when none
+	nextForced     time.Time     // earliest start of the next forced refresh
+	forcedFailures int           // consecutive failed forced refreshes
+	forcedWG       sync.WaitGroup
 
 	rejections    [numReasons]atomic.Int64
 	refreshOK     atomic.Int64
@@ -120,21 +150,33 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 	}
 	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{}), tokens: newTokenCache(maxCachedTokens)}
 	if cfg.jwksFile != "" {
+		v.source = "JWKS_FILE=" + cfg.jwksFile
 		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
 	} else {
-		client := &http.Client{Timeout: 5 * time.Second}
+		v.source = "JWKS_URL=" + redactedJWKSURL(cfg.jwksURL)
+		if u, err := url.Parse(cfg.jwksURL); err == nil && strings.EqualFold(u.Scheme, "http") {
+			// Said once, here: the keys decide who is who, and over plain
+			// http anyone on the path can substitute their own.
+			logger.Warn("JWKS_URL is plain http: anyone on the network path can substitute the keys and forge tokens; use https",
+				"source", v.source)
+		}
+		client := &http.Client{Timeout: fetchTimeout, Transport: cfg.transport, CheckRedirect: sameOriginRedirect}
 		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	v.stopBackground = cancel
-	go v.refreshLoop(ctx)
+	v.bg, v.stopBackground = context.WithCancel(context.Background())
+	go v.refreshLoop(v.bg)
 	return v
 }
 
-// Close stops the background refresh and waits for it to finish.
+// Close stops the background refresh and any forced refresh in flight, and
+// waits for them to finish.
 func (v *Verifier) Close() {
+	// Under forcedMu, so no forced refresh can start once Close has begun.
+	v.forcedMu.Lock()
 	v.stopBackground()
+	v.forcedMu.Unlock()
 	<-v.done
+	v.forcedWG.Wait()
 }
 
 // Ready reports whether a key set has been loaded.
@@ -155,7 +197,7 @@ func (v *Verifier) refreshLoop(ctx context.Context) {
 	defer close(v.done)
 	retry := 250 * time.Millisecond
 	for {
-		v.refresh(ctx)
+		v.refresh(ctx, "schedule")
 		wait := v.cfg.refreshEvery
 		if !v.Ready() {
 			wait = retry
@@ -169,30 +211,20 @@ func (v *Verifier) refreshLoop(ctx context.Context) {
 	}
 }
 
-// refresh loads the set once and installs it if it parses.
-func (v *Verifier) refresh(ctx context.Context) {
+// refresh loads the set once and installs it if it parses; it reports
+// whether the load worked (an unchanged set counts as working). cause is a
+// log field: "schedule" or "unknown_kid".
+func (v *Verifier) refresh(ctx context.Context, cause string) bool {
 	v.refreshMu.Lock()
 	defer v.refreshMu.Unlock()
-	v.refreshLocked(ctx)
-}
-
-// refreshForUnknownKid forces a refresh unless one happened within
-// minRefreshGap. Callers are serialised on refreshMu, so a flood of lookups
-// that queued behind a running refresh finds it fresh and shares its result.
-func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
-	v.refreshMu.Lock()
-	defer v.refreshMu.Unlock()
-	if v.now().Sub(v.lastRefresh) >= v.cfg.minRefreshGap {
-		v.refreshLocked(ctx)
-	}
-}
-
-func (v *Verifier) refreshLocked(ctx context.Context) {
-	v.lastRefresh = v.now()
+	// The timeout starts once the lock is held: time spent queued behind
+	// another load must not eat this one's budget.
+	ctx, cancel := context.WithTimeout(ctx, fetchTimeout)
+	defer cancel()
 	raw, err := v.load(ctx)
 	if err == nil && v.Ready() && bytes.Equal(raw, v.lastRaw) {
 		v.refreshOK.Add(1)
-		return
+		return true
 	}
 	var kr *keyring
 	if err == nil {
@@ -200,31 +232,101 @@ func (v *Verifier) refreshLocked(ctx context.Context) {
 	}
 	if err != nil {
 		v.refreshFailed.Add(1)
-		if ctx.Err() == nil {
+		// Quiet only at shutdown; a timed-out forced refresh is worth a line.
+		if v.bg.Err() == nil {
 			v.logger.Warn("jwks refresh failed; keeping the last good keys",
-				"error", err.Error(), "keys", v.KeyCount())
+				"source", v.source, "cause", cause, "error", err.Error(), "keys", v.KeyCount())
 		}
-		return
+		return false
 	}
 	v.refreshOK.Add(1)
 	v.lastRaw = raw
 	if old := v.keys.Swap(kr); old != nil {
 		close(old.replaced)
 	}
-	v.logger.Info("jwks loaded", "keys", len(kr.byKid), "skipped", kr.skipped)
+	v.logger.Info("jwks loaded", "source", v.source, "cause", cause, "keys", len(kr.byKid), "skipped", kr.skipped)
+	return true
+}
+
+// refreshForUnknownKid forces a refresh when a token names a kid the set
+// does not have, and waits for it until ctx ends.
+//
+// An attacker can send made-up kids at will, so:
+//   - the refresh runs on the verifier's context, not the client's: a client
+//     that disconnects stops waiting, the fetch goes on, and the next real
+//     token signed with a rotated key finds it installed;
+//   - one refresh at a time, shared by every request that arrives while it
+//     runs (single flight);
+//   - after a refresh that worked, the next may start only minRefreshGap
+//     later: random kids must not turn this service into a load generator
+//     against the identity provider. The gap counts from completion, and
+//     only forced refreshes count (the periodic loop has its own cadence);
+//   - after one that failed, the next may start sooner (failureBackoff), so
+//     a blip does not keep a rotated key out for the full gap.
+func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
+	v.forcedMu.Lock()
+	done := v.forced
+	if done == nil {
+		if v.bg.Err() != nil || v.now().Before(v.nextForced) {
+			v.forcedMu.Unlock()
+			return
+		}
+		done = make(chan struct{})
+		v.forced = done
+		v.forcedWG.Add(1)
+		go v.runForcedRefresh(done)
+	}
+	v.forcedMu.Unlock()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+}
+
+func (v *Verifier) runForcedRefresh(done chan struct{}) {
+	defer v.forcedWG.Done()
+	ok := v.refresh(v.bg, "unknown_kid")
+	v.forcedMu.Lock()
+	if ok {
+		v.forcedFailures = 0
+		v.nextForced = v.now().Add(v.cfg.minRefreshGap)
+	} else {
+		v.forcedFailures++
+		v.nextForced = v.now().Add(failureBackoff(v.cfg.minRefreshGap, v.forcedFailures))
+	}
+	v.forced = nil
+	v.forcedMu.Unlock()
+	close(done)
+}
+
+// failureBackoff is how long after the n-th consecutive failed forced
+// refresh the next may start: a tenth of the gap, doubling, capped at the
+// gap (0.5 s, 1 s, 2 s, 4 s, then 5 s with the default 5 s). The first retry
+// comes soon, because a single failure is usually a blip (a reset
+// connection, an identity-provider pod restarting) and a user with a token
+// from a rotated key is waiting on it; an identity provider that stays down
+// is back at the normal rate of one forced fetch per gap after four
+// failures, so random kids can add at most a handful of extra fetches to
+// an outage.
+func failureBackoff(gap time.Duration, n int) time.Duration {
+	d := gap / 10
+	for i := 1; i < n && d < gap; i++ {
+		d *= 2
+	}
+	return min(d, gap)
 }
 
 const maxJWKSBytes = 1 << 20
 
-func fetchJWKS(ctx context.Context, client *http.Client, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+func fetchJWKS(ctx context.Context, client *http.Client, rawURL string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -232,12 +334,62 @@ func fetchJWKS(ctx context.Context, client *http.Client, url string) ([]byte, er
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSBytes+1))
 	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", err)
+		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
 	}
 	if len(body) > maxJWKSBytes {
 		return nil, errors.New("fetch jwks: body over 1 MiB")
 	}
 	return body, nil
+}
+
+// redactURLError rebuilds the *url.Error that net/http returns with the URL
+// redacted. Its URL is the request's (net/http hides only the password, not
+// the user name or the query string, where some identity providers put an
+// API key) or, for a refused redirect, the raw Location header. Done here,
+// where the error is made, so no caller can log the raw form.
+func redactURLError(err error) error {
+	ue, ok := err.(*url.Error)
+	if !ok {
+		return err
+	}
+	inner := ue.Err
+	if strings.HasPrefix(inner.Error(), "failed to parse Location header") {
+		// net/http quotes the raw Location (twice, with the parse error)
+		// in the message of this one error: say what failed, not the value.
+		inner = errors.New("failed to parse the redirect's Location header")
+	}
+	return &url.Error{Op: ue.Op, URL: redactedJWKSURL(ue.URL), Err: inner}
+}
+
+// sameOriginRedirect follows a JWKS redirect only within the origin (scheme,
+// host, port) of JWKS_URL. A redirect elsewhere would let whoever controls
+// the first hop, or an open redirect at the identity provider, choose the
+// keys this service trusts; one from https to http would hand that choice to
+// anyone on the network path.
+func sameOriginRedirect(req *http.Request, via []*http.Request) error {
+	if len(via) > maxJWKSRedirects {
+		return fmt.Errorf("jwks redirect refused: more than %d redirects", maxJWKSRedirects)
+	}
+	from, to := via[0].URL, req.URL
+	if strings.EqualFold(from.Scheme, "https") && !strings.EqualFold(to.Scheme, "https") {
+		return fmt.Errorf("jwks redirect refused: from https to %s", to.Scheme)
+	}
+	if origin(to) != origin(from) {
+		return fmt.Errorf("jwks redirect refused: %s is another origin than %s", origin(to), origin(from))
+	}
+	return nil
+}
+
+// origin is scheme://host:port with the default port spelled out, so
+// https://idp and https://idp:443 are the same origin. It holds no
+// user-info, path or query: it is safe in a log line.
+func origin(u *url.URL) string {
+	scheme := strings.ToLower(u.Scheme)
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[scheme]
+	}
+	return scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
 func readLimited(path string) ([]byte, error) {

@@ -1,18 +1,22 @@
 package main
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -29,7 +33,13 @@ var whoami = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 // callWith sends one request through the middleware with the given
 // Authorization header values (none when empty).
 func callWith(v *Verifier, target string, auth ...string) *httptest.ResponseRecorder {
-	req := httptest.NewRequest(http.MethodGet, target, nil)
+	return callWithContext(context.Background(), v, target, auth...)
+}
+
+// callWithContext is callWith from a client whose request ends with ctx
+// (cancel it to hang up).
+func callWithContext(ctx context.Context, v *Verifier, target string, auth ...string) *httptest.ResponseRecorder {
+	req := httptest.NewRequestWithContext(ctx, http.MethodGet, target, nil)
 	for _, a := range auth {
 		req.Header.Add("Authorization", a)
 	}
@@ -291,21 +301,6 @@ func TestVerifierAcceptsANewKeyWithin15Seconds(t *testing.T) {
 	}
 }
 
-func TestVerifierRateLimitsRefreshesForUnknownKids(t *testing.T) {
-	k := newTestKey(t, jwa.ES256, "es", 0)
-	idp := newJWKSServer(t, k.publicJWK(t, false))
-	v := newTestVerifier(t, testAuthConfig(idp.URL))
-	before := idp.hits.Load()
-	stranger := newTestKey(t, jwa.ES256, "x", 0)
-	for i := range 200 {
-		stranger.kid = "random-" + strconv.Itoa(i)
-		callWith(v, "/", "Bearer "+stranger.token(t, validClaims("42")))
-	}
-	if n := idp.hits.Load() - before; n > 1 {
-		t.Errorf("200 unknown kids caused %d JWKS fetches within the refresh gap; want at most 1", n)
-	}
-}
-
 func TestVerifierKeepsKnownKeysWhileTheJWKSEndpointIsDown(t *testing.T) {
 	k := newTestKey(t, jwa.ES256, "es", 0)
 	idp := newJWKSServer(t, k.publicJWK(t, false))
@@ -451,5 +446,457 @@ func TestThePrincipalCarriesTheKeyAndExpiryAndSeesTheKeyLeave(t *testing.T) {
 	}
 	if v.hasKey("k1") || !v.hasKey("k2") {
 		t.Fatal("after the swap hasKey still sees the removed key")
+	}
+}
+
+// rotationFixture is a running verifier whose identity provider is about to
+// rotate: current is published, rotated is not yet.
+type rotationFixture struct {
+	idp              *jwksServer
+	v                *Verifier
+	current, rotated testKey
+	cfg              authConfig
+}
+
+// newRotationFixture starts a verifier with the given forced-refresh gap and
+// a periodic refresh far away (30 s), so any key it picks up within a test
+// came from a forced refresh. It returns once the verifier has been up for
+// one gap: the attacks below are on a service that has been running a
+// while, with the start-up load outside any rate-limit window.
+func newRotationFixture(t *testing.T, gap time.Duration) *rotationFixture {
+	t.Helper()
+	f := &rotationFixture{
+		current: newTestKey(t, jwa.ES256, "2026-01", 0),
+		rotated: newTestKey(t, jwa.ES256, "2026-02", 0),
+	}
+	f.idp = newJWKSServer(t, f.current.publicJWK(t, false))
+	f.cfg = testAuthConfig(f.idp.URL)
+	f.cfg.refreshEvery, f.cfg.minRefreshGap = 30*time.Second, gap
+	f.v = newTestVerifier(t, f.cfg)
+	time.Sleep(gap)
+	return f
+}
+
+// publishRotation is the identity provider adding the rotated key.
+func (f *rotationFixture) publishRotation(t *testing.T) {
+	f.idp.setKeys(t, f.current.publicJWK(t, false), f.rotated.publicJWK(t, false))
+}
+
+// Issue 8 item 3. The forced refresh used to run on the requesting client's
+// context and to count against the rate limit from its start: a client that
+// sent a made-up kid and hung up cancelled the fetch, and for the rest of
+// the gap a real token signed with a freshly rotated key was refused.
+func TestAClientThatHangsUpCannotHoldOffKeyRotation(t *testing.T) {
+	f := newRotationFixture(t, 2*time.Second)
+	madeUp := newTestKey(t, jwa.ES256, "made-up", 0).token(t, validClaims("666"))
+
+	release := f.idp.hold() // the identity provider is slow to answer
+	t.Cleanup(release)
+	before := f.idp.hits.Load()
+	ctx, hangUp := context.WithCancel(context.Background())
+	defer hangUp()
+	attacker := make(chan int, 1)
+	go func() { attacker <- callWithContext(ctx, f.v, "/", "Bearer "+madeUp).Code }()
+	waitFor(t, 5*time.Second, "the forced fetch to reach the identity provider", func() bool { return f.idp.hits.Load() > before })
+	hangUp()
+	select {
+	case <-attacker:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the attacker's request did not return after it hung up")
+	}
+
+	f.publishRotation(t)
+	published := time.Now()
+	release()
+	rec := callWith(f.v, "/", "Bearer "+f.rotated.token(t, validClaims("42")))
+	if rec.Code != http.StatusOK {
+		t.Fatalf("a real token signed with the rotated key got %d right after publication, want 200: %s", rec.Code, rec.Body)
+	}
+	t.Logf("rotated key accepted %s after publication, on the first try", time.Since(published).Round(time.Millisecond))
+	if n := f.idp.hits.Load() - before; n != 1 {
+		t.Errorf("%d JWKS fetches, want 1: the attacker's fetch, finished and shared", n)
+	}
+}
+
+// A forced refresh that fails (here the identity provider answers 503) must
+// not keep the next one out for the whole gap: the next may start after a
+// short back-off, so a rotated key is accepted soon after the provider is
+// back, not a gap later.
+func TestAFailedForcedRefreshDoesNotHoldOffTheNextForTheWholeGap(t *testing.T) {
+	const gap = 3 * time.Second
+	f := newRotationFixture(t, gap)
+	token := f.rotated.token(t, validClaims("42"))
+
+	f.idp.down.Store(true)
+	failed := f.v.refreshFailed.Load()
+	assertRefused(t, callWith(f.v, "/", "Bearer "+token), token, true)
+	failedAt := time.Now()
+	if f.v.refreshFailed.Load() != failed+1 {
+		t.Fatalf("the unknown kid did not force a refresh that failed (failures %d → %d)", failed, f.v.refreshFailed.Load())
+	}
+
+	f.idp.down.Store(false)
+	f.publishRotation(t)
+	before := f.idp.hits.Load()
+	// Bounded by half the gap: generous for a back-off of a tenth of it, and
+	// well short of the whole gap the old behaviour made every client wait.
+	waitFor(t, gap/2-time.Since(failedAt), "the rotated key to be accepted well within the gap", func() bool {
+		return callWith(f.v, "/", "Bearer "+token).Code == http.StatusOK
+	})
+	t.Logf("rotated key accepted %s after the failed refresh (gap %s, first back-off %s)",
+		time.Since(failedAt).Round(time.Millisecond), gap, failureBackoff(gap, 1))
+	if n := f.idp.hits.Load() - before; n != 1 {
+		t.Errorf("%d JWKS fetches while the client retried, want 1", n)
+	}
+}
+
+// Many requests naming an unknown kid at once share one fetch; a request
+// whose client hangs up stops waiting at once, and the fetch carries on for
+// the others.
+func TestConcurrentUnknownKidsShareOneFetchThatOutlivesTheClientsWhoLeave(t *testing.T) {
+	f := newRotationFixture(t, time.Second)
+	token := f.rotated.token(t, validClaims("42"))
+	const patient, leaving = 10, 10
+
+	release := f.idp.hold()
+	t.Cleanup(release)
+	before := f.idp.hits.Load()
+	codes := make(chan int, patient)
+	for range patient {
+		go func() { codes <- callWith(f.v, "/", "Bearer "+token).Code }()
+	}
+	waitFor(t, 5*time.Second, "the forced fetch to reach the identity provider", func() bool { return f.idp.hits.Load() > before })
+
+	ctx, hangUp := context.WithCancel(context.Background())
+	left := make(chan int, leaving)
+	for range leaving {
+		go func() { left <- callWithContext(ctx, f.v, "/", "Bearer "+token).Code }()
+	}
+	hangUp()
+	// The fetch is still held by the server: every client that left must
+	// be answered without waiting for it (well inside the 5 s fetch timeout).
+	deadline := time.After(3 * time.Second)
+	for range leaving {
+		select {
+		case <-left:
+		case <-deadline:
+			t.Fatal("a request whose client hung up kept waiting for the fetch")
+		}
+	}
+
+	f.publishRotation(t)
+	release()
+	for range patient {
+		select {
+		case code := <-codes:
+			if code != http.StatusOK {
+				t.Errorf("a waiting request got %d, want 200 from the shared fetch", code)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a waiting request never returned")
+		}
+	}
+	if n := f.idp.hits.Load() - before; n != 1 {
+		t.Errorf("%d concurrent requests with an unknown kid caused %d JWKS fetches, want 1", patient+leaving, n)
+	}
+}
+
+// Random kids are a known way to turn a verifier into a load generator
+// against the identity provider: 200 requests, each with a made-up kid,
+// spread over two gaps, start fetches at least a gap apart while the
+// provider answers, and at least the back-off schedule apart while it fails.
+func TestRandomKidsForceAtMostOneFetchPerGap(t *testing.T) {
+	const gap = time.Second
+	cases := []struct {
+		name    string
+		down    bool
+		spacing func(i int) time.Duration // least time between fetch i and i+1
+	}{
+		{"while the identity provider answers", false, func(int) time.Duration { return gap }},
+		{"while the identity provider fails", true, func(i int) time.Duration { return failureBackoff(gap, i+1) }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			k := newTestKey(t, jwa.ES256, "es", 0)
+			idp := newJWKSServer(t, k.publicJWK(t, false))
+			cfg := testAuthConfig(idp.URL)
+			cfg.refreshEvery, cfg.minRefreshGap = 30*time.Second, gap
+			v := newTestVerifier(t, cfg)
+			idp.down.Store(tc.down)
+			first := len(idp.arrivals())
+
+			stranger := newTestKey(t, jwa.ES256, "x", 0)
+			tokens := make([]string, 200)
+			for i := range tokens {
+				stranger.kid = fmt.Sprintf("random-%d-%d", i, time.Now().UnixNano())
+				tokens[i] = stranger.token(t, validClaims("42"))
+			}
+			start := time.Now()
+			var wg sync.WaitGroup
+			for w := range 4 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := w; i < len(tokens); i += 4 {
+						callWith(v, "/", "Bearer "+tokens[i])
+						time.Sleep(40 * time.Millisecond) // 200 requests over about 2 s
+					}
+				}()
+			}
+			wg.Wait()
+			elapsed := time.Since(start)
+
+			fetches := idp.arrivals()[first:]
+			t.Logf("200 random kids over %s: %d JWKS fetches", elapsed.Round(time.Millisecond), len(fetches))
+			if len(fetches) == 0 {
+				t.Fatal("no forced fetch at all: an unknown kid must force one")
+			}
+			for i := 1; i < len(fetches); i++ {
+				if d := fetches[i].Sub(fetches[i-1]); d < tc.spacing(i-1) {
+					t.Errorf("fetch %d started %s after the previous one, want at least %s", i+1, d, tc.spacing(i-1))
+				}
+			}
+		})
+	}
+}
+
+// Secrets an operator may put in JWKS_URL: user-info and an API key in the
+// query string (some identity providers want one).
+const (
+	jwksPassword = "hunter2pw"
+	jwksAPIKey   = "SECRETKEY123"
+)
+
+// withSecrets is base (scheme://host:port) with user-info, a path and an
+// API key in the query string.
+func withSecrets(base string) string {
+	return strings.Replace(base, "://", "://jwksuser:"+jwksPassword+"@", 1) + "/jwks?api_key=" + jwksAPIKey
+}
+
+// firstLine is the first line of out that contains substr.
+func firstLine(out, substr string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if strings.Contains(l, substr) {
+			return l
+		}
+	}
+	return ""
+}
+
+// closedPort is an address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr
+}
+
+// Issue 8 item 4. A failed fetch used to log net/http's *url.Error, whose
+// URL keeps JWKS_URL's query string; and a line about a failed status did
+// not say which URL failed. Every line must show the redacted URL, and
+// nothing secret.
+func TestJWKSFailuresLogTheRedactedURLAndNoSecret(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	serve := func(t *testing.T, h http.HandlerFunc) string {
+		s := httptest.NewServer(h)
+		t.Cleanup(s.Close)
+		return s.URL
+	}
+	cases := []struct {
+		name string
+		// setup returns the identity provider's scheme://host:port and, for
+		// a failure of a refresh forced by an unknown kid on a verifier that
+		// had keys, the outage to start once it has them.
+		setup func(t *testing.T) (base string, outage func())
+	}{
+		{"a closed port", func(t *testing.T) (string, func()) { return closedPort(t), nil }},
+		{"a server answering 500", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				http.Error(w, "boom", http.StatusInternalServerError)
+			}), nil
+		}},
+		{"a redirect to another origin with the key in the location", func(t *testing.T) (string, func()) {
+			other := newJWKSServer(t, key.publicJWK(t, false))
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				http.Redirect(w, r, other.URL+"/jwks?"+r.URL.RawQuery, http.StatusFound)
+			}), nil
+		}},
+		{"a redirect to an unparsable location with the key in it", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Location", "http://bad host/jwks?"+r.URL.RawQuery)
+				w.WriteHeader(http.StatusFound)
+			}), nil
+		}},
+		{"a same-origin redirect, with the key, to an answer of 500", func(t *testing.T) (string, func()) {
+			return serve(t, func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/jwks" {
+					http.Redirect(w, r, "/moved?"+r.URL.RawQuery, http.StatusFound)
+					return
+				}
+				http.Error(w, "boom", http.StatusInternalServerError)
+			}), nil
+		}},
+		{"a refresh forced by an unknown kid during an outage", func(t *testing.T) (string, func()) {
+			idp := newJWKSServer(t, key.publicJWK(t, false))
+			return idp.URL, func() { idp.down.Store(true) }
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			base, outage := tc.setup(t)
+			jwksURL := withSecrets(base)
+			redacted := redactedJWKSURL(jwksURL)
+			logs := &syncBuffer{}
+			v := NewVerifier(testAuthConfig(jwksURL), slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+			if outage != nil {
+				waitFor(t, 5*time.Second, "keys", v.Ready)
+				outage()
+				stranger := newTestKey(t, jwa.ES256, "unknown", 0)
+				callWith(v, "/", "Bearer "+stranger.token(t, validClaims("42")))
+			}
+			waitFor(t, 5*time.Second, "a failed load", func() bool { return v.refreshFailed.Load() >= 1 })
+			v.Close()
+
+			out := logs.String()
+			for _, secret := range []string{jwksPassword, jwksAPIKey} {
+				if strings.Contains(out, secret) {
+					t.Errorf("the log shows %q:\n%s", secret, out)
+				}
+			}
+			failures, forced := 0, 0
+			for _, line := range logs.logLines(t) {
+				if line["msg"] == "jwks refresh failed; keeping the last good keys" {
+					failures++
+					if line["cause"] == "unknown_kid" {
+						forced++
+					}
+				}
+				if !strings.Contains(fmt.Sprint(line), redacted) {
+					t.Errorf("a log line does not show the redacted URL %s: %v", redacted, line)
+				}
+			}
+			if failures == 0 || (outage != nil && forced == 0) {
+				t.Errorf("no failed refresh (forced: %v) was logged:\n%s", outage != nil, out)
+			}
+			t.Logf("a failure as logged: %s", firstLine(out, "jwks refresh failed"))
+		})
+	}
+}
+
+// A JWKS redirect is followed only within JWKS_URL's origin (scheme, host,
+// port): elsewhere, whoever controls the first hop (or an open redirect at
+// the identity provider) would choose the keys this service trusts, and a
+// step down from https to http would let anyone on the path choose them.
+func TestJWKSRedirectsAreFollowedOnlyWithinTheOrigin(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	// redirecting is an identity provider that moves /jwks to target
+	// (relative: within itself) and serves the keys at /keys.
+	redirecting := func(t *testing.T, tls bool, target func() string) *httptest.Server {
+		h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/keys" {
+				_, _ = w.Write(jwksJSON(t, key.publicJWK(t, false)))
+				return
+			}
+			http.Redirect(w, r, target(), http.StatusFound)
+		})
+		s := httptest.NewUnstartedServer(h)
+		if tls {
+			s.StartTLS()
+		} else {
+			s.Start()
+		}
+		t.Cleanup(s.Close)
+		return s
+	}
+	cases := []struct {
+		name      string
+		tls       bool
+		elsewhere bool   // the redirect leaves for another server, which serves the keys
+		refusal   string // in the log when refused; "" when followed
+	}{
+		{"a redirect within an http origin is followed", false, false, ""},
+		{"a redirect within an https origin is followed", true, false, ""},
+		{"a redirect to another origin is refused", false, true, "is another origin than"},
+		{"a redirect from https to http is refused", true, true, "from https to http"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			other := newJWKSServer(t, key.publicJWK(t, false))
+			target := func() string { return "/keys" }
+			if tc.elsewhere {
+				target = func() string { return other.URL + "/jwks" }
+			}
+			idp := redirecting(t, tc.tls, target)
+			logs := &syncBuffer{}
+			cfg := testAuthConfig(idp.URL + "/jwks")
+			if tc.tls {
+				cfg.transport = idp.Client().Transport // trusts the test server's certificate
+			}
+			v := NewVerifier(cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+
+			if tc.refusal == "" {
+				waitFor(t, 5*time.Second, "keys through the redirect", v.Ready)
+				return
+			}
+			waitFor(t, 5*time.Second, "a load, failed or not", func() bool { return v.Ready() || v.refreshFailed.Load() >= 1 })
+			if v.Ready() || other.hits.Load() != 0 {
+				t.Errorf("ready=%v, other origin fetched %d times: the redirect was followed", v.Ready(), other.hits.Load())
+			}
+			if out := logs.String(); !strings.Contains(out, tc.refusal) {
+				t.Errorf("the log does not say the redirect was refused (%q):\n%s", tc.refusal, out)
+			}
+		})
+	}
+}
+
+// Over plain http anyone on the network path can substitute the keys: said
+// once, at start, not on every refresh.
+func TestAPlainHTTPJWKSURLIsWarnedAboutOnceAtStart(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "es", 0)
+	for _, tls := range []bool{false, true} {
+		name, want := "plain http is warned about once", 1
+		if tls {
+			name, want = "https is not warned about", 0
+		}
+		t.Run(name, func(t *testing.T) {
+			s := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				_, _ = w.Write(jwksJSON(t, key.publicJWK(t, false)))
+			}))
+			if tls {
+				s.StartTLS()
+			} else {
+				s.Start()
+			}
+			t.Cleanup(s.Close)
+			logs := &syncBuffer{}
+			cfg := testAuthConfig(s.URL + "/jwks?api_key=" + jwksAPIKey)
+			cfg.refreshEvery = 20 * time.Millisecond
+			if tls {
+				cfg.transport = s.Client().Transport
+			}
+			v := NewVerifier(cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+			t.Cleanup(v.Close)
+			waitFor(t, 5*time.Second, "five loads", func() bool { return v.refreshOK.Load() >= 5 })
+			v.Close()
+
+			warnings := 0
+			for _, line := range logs.logLines(t) {
+				if msg, _ := line["msg"].(string); strings.HasPrefix(msg, "JWKS_URL is plain http") {
+					warnings++
+					if line["level"] != "WARN" || line["source"] != "JWKS_URL="+redactedJWKSURL(cfg.jwksURL) {
+						t.Errorf("warning line %v: want level WARN and the redacted URL", line)
+					}
+				}
+			}
+			if warnings != want {
+				t.Errorf("%d plain-http warnings over five loads, want %d:\n%s", warnings, want, logs.String())
+			}
+		})
 	}
 }

@@ -19,22 +19,35 @@ import (
 )
 
 // newTestDB creates a fresh, uniquely named database on the cluster at DATABASE_URL,
-// applies schemaSQL, registers cleanup (DROP DATABASE ... WITH (FORCE)), and returns its connection string.
+// migrates it, registers cleanup (DROP DATABASE ... WITH (FORCE)), and returns its connection string.
 func newTestDB(t testing.TB) string {
 	t.Helper()
 	connString := newEmptyTestDB(t)
+	migrateTestDB(t, connString)
+	return connString
+}
 
+// migrateTestDB applies the schema to connString's database with the real
+// Migrate, so tests run on exactly what `threeds-records migrate` produces
+// (schema.sql cannot be executed as one string: CREATE INDEX CONCURRENTLY
+// refuses to run in the implicit transaction of a multi-statement query).
+func migrateTestDB(t testing.TB, connString string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	conn, err := pgx.Connect(ctx, connString)
+	cfg, err := pgxpool.ParseConfig(connString)
 	if err != nil {
-		t.Fatalf("connect to test database: %v", err)
+		t.Fatalf("parse test database config: %v", err)
 	}
-	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, schemaSQL); err != nil {
-		t.Fatalf("apply schema.sql: %v", err)
+	cfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		t.Fatalf("open test pool: %v", err)
 	}
-	return connString
+	defer pool.Close()
+	if err := NewStore(pool, 0).Migrate(ctx); err != nil {
+		t.Fatalf("migrate the test database: %v", err)
+	}
 }
 
 // newEmptyTestDB is newTestDB without the schema, for tests of Migrate itself.

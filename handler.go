@@ -6,11 +6,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/url"
 	"path"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -19,6 +19,10 @@ const (
 	defaultPageSize = 20
 	maxPageSize     = 100
 	maxPage         = 1<<31 - 1
+
+	// statusClientClosedRequest is logged and counted, never sent: the
+	// client is gone.
+	statusClientClosedRequest = 499
 )
 
 // server is the whole HTTP surface. It is an http.Handler; draining flips
@@ -30,13 +34,22 @@ type server struct {
 	logger   *slog.Logger
 	metrics  *metrics
 	draining atomic.Bool
+	// limit is MAX_IN_FLIGHT, shared by the API routes.
+	limit *inFlightLimit
 }
 
 // newServer registers every route in one place.
-func newServer(store *Store, verifier *Verifier, logger *slog.Logger) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger}
+func newServer(store *Store, verifier *Verifier, logger *slog.Logger, opts ...serverOption) *server {
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger,
+		limit: newInFlightLimit(defaultMaxInFlight)}
+	for _, o := range opts {
+		o(s)
+	}
 	s.metrics = newMetrics(store, verifier)
-	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(handleMyRecords(store, logger)))
+	s.metrics.limit = s.limit
+	// The limit comes first so that a shed request costs no token check;
+	// only the API routes get it (see inFlightLimit.wrap).
+	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)
@@ -84,6 +97,12 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if rec.status == 0 {
 		rec.status = http.StatusOK
+		if errors.Is(r.Context().Err(), context.Canceled) {
+			// A handler that answered nothing because its client went
+			// away: nginx's 499, so that dashboards and the alert on 500s
+			// tell a user closing the app from a failure here.
+			rec.status = statusClientClosedRequest
+		}
 	}
 	elapsed := time.Since(info.start)
 	s.metrics.observe(route, rec.status, elapsed)
@@ -268,6 +287,14 @@ func handleMyRecords(store *Store, logger *slog.Logger) http.HandlerFunc {
 		records, total, err := store.ListRecords(r.Context(), userID, page, pageSize)
 		info.dbDur = time.Since(start)
 		if err != nil {
+			if errors.Is(r.Context().Err(), context.Canceled) {
+				// The client (or the gateway) gave up and closed the
+				// connection, which cancelled the query: not a server error,
+				// and nobody is left to read an answer. ServeHTTP logs and
+				// counts it as 499. A DB_QUERY_TIMEOUT is a deadline on the
+				// store's own context, so it still gets the 500 below.
+				return
+			}
 			logger.LogAttrs(r.Context(), slog.LevelError, "list records failed",
 				slog.String("request_id", info.requestID), slog.String("error", err.Error()))
 			writeError(w, r, http.StatusInternalServerError, "internal_error",
@@ -312,23 +339,26 @@ func intParam(q url.Values, name string, def, lo, hi int) (int, error) {
 		return def, nil
 	}
 	bad := errors.New(name + " must be an integer from " + strconv.Itoa(lo) + " to " + strconv.Itoa(hi))
-	// Leading zeros do not change the value; the length guard that keeps n
-	// from overflowing applies to the significant digits only.
-	s := strings.TrimLeft(vals[0], "0")
-	if len(s) > 10 {
-		return 0, bad
-	}
-	n := 0
+	// The value is built in int64 whatever the size of int, and a digit that
+	// would take it past int64 stops the loop: where int is 32 bits, an int
+	// accumulator wrapped page=4294967297 round to page 1. Leading zeros only
+	// keep n at 0, so they are allowed at any length.
+	s := vals[0]
+	var n int64
 	for i := 0; i < len(s); i++ {
 		if s[i] < '0' || s[i] > '9' {
 			return 0, bad
 		}
-		n = n*10 + int(s[i]-'0')
+		d := int64(s[i] - '0')
+		if n > (math.MaxInt64-d)/10 {
+			return 0, bad
+		}
+		n = n*10 + d
 	}
-	if n < lo || n > hi {
+	if n < int64(lo) || n > int64(hi) {
 		return 0, bad
 	}
-	return n, nil
+	return int(n), nil
 }
 
 func handleHealthz(w http.ResponseWriter, r *http.Request) {

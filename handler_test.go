@@ -2,11 +2,19 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -397,6 +405,16 @@ func TestParsePaging(t *testing.T) {
 		{"page_size=100", 1, 100, true},
 		{"page_size=101", 0, 0, false},
 		{"page=１", 0, 0, false}, // a full-width digit
+		{"page=00", 0, 0, false},
+		{"page=" + strings.Repeat("0", 40) + "2", 2, 20, true},
+		// Ten significant digits, past int32: a 32-bit int accumulator
+		// wrapped these round to page 1 and page size 20.
+		{"page=4294967297", 0, 0, false},
+		{"page=0004294967297", 0, 0, false},
+		{"page_size=4294967316", 0, 0, false},
+		{"page=9223372036854775807", 0, 0, false},  // the largest int64
+		{"page=9223372036854775808", 0, 0, false},  // one past it
+		{"page=18446744073709551617", 0, 0, false}, // 2^64+1 wraps to 1 in 64 bits
 	} {
 		page, size, err := parsePaging(tc.query)
 		if (err == nil) != tc.ok || page != tc.page || size != tc.size {
@@ -430,5 +448,328 @@ func TestReadinessStaysUpWhileEveryConnectionIsBusy(t *testing.T) {
 	release()
 	if code := <-done; code != http.StatusOK {
 		t.Errorf("the blocked request ended with %d", code)
+	}
+}
+
+// build386 compiles the service for GOARCH=386, where int is 32 bits (the
+// build cache makes every build after the first one a link).
+func build386(t testing.TB) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "threeds-records-386")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=386")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("GOARCH=386 go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// TestPagingIsParsedTheSameWhereIntIs32Bits runs the real binary built for
+// 386: a 64-bit test binary cannot show an overflow of a 32-bit int.
+func TestPagingIsParsedTheSameWhereIntIs32Bits(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the service for GOARCH=386")
+	}
+	if runtime.GOOS != "linux" || (runtime.GOARCH != "amd64" && runtime.GOARCH != "386") {
+		t.Skipf("%s/%s cannot run a linux/386 binary", runtime.GOOS, runtime.GOARCH)
+	}
+	bin := build386(t)
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	key := newTestKey(t, jwa.ES256, "svc386", 0)
+	env := serviceEnv(dsn, newJWKSServer(t, key.publicJWK(t, false)).URL)
+
+	cmd := exec.Command(bin)
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	var stdout, stderr syncBuffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		// A 64-bit kernel without IA-32 emulation refuses the binary.
+		t.Skipf("this machine does not run linux/386 binaries: %v", err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() { _ = cmd.Process.Kill(); <-exited })
+	var base string
+	waitFor(t, 15*time.Second, "the 386 binary's listening line", func() bool {
+		var ok bool
+		if base, ok = stdout.listeningBase(t); ok {
+			return true
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("the 386 binary exited early: %v; stderr %s", err, stderr.String())
+		default:
+		}
+		return false
+	})
+	waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, base+"/readyz", "").code == http.StatusOK })
+
+	token := key.token(t, validClaims("1001"))
+	for _, tc := range []struct {
+		name, query string
+		status      int
+		page, size  int
+	}{
+		{"the largest page is still a page", "page=2147483647", http.StatusOK, 2147483647, 20},
+		{"page 2^32+1 is out of range, not page 1", "page=4294967297", http.StatusBadRequest, 0, 0},
+		{"page size 2^32+20 is out of range, not 20", "page_size=4294967316", http.StatusBadRequest, 0, 0},
+		{"2^64+1 is out of range, not page 1", "page=18446744073709551617", http.StatusBadRequest, 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := mustFetch(t, opsClient, base+"/3ds/my-records?"+tc.query, token)
+			if a.code != tc.status {
+				t.Fatalf("status %d, want %d: %s", a.code, tc.status, a.body)
+			}
+			if tc.status != http.StatusOK {
+				assertErrorBody(t, a.header, a.body)
+				return
+			}
+			p := decodePage(t, &http.Response{StatusCode: a.code}, a.body)
+			if p.Data.Page != tc.page || p.Data.PageSize != tc.size {
+				t.Errorf("page %d size %d, want %d and %d", p.Data.Page, p.Data.PageSize, tc.page, tc.size)
+			}
+		})
+	}
+}
+
+// accessLine is the access log line of the request with this X-Request-ID.
+func accessLine(t testing.TB, out *syncBuffer, requestID string) (map[string]any, bool) {
+	t.Helper()
+	for _, l := range out.logLines(t) {
+		if l["msg"] == "request" && l["request_id"] == requestID {
+			return l, true
+		}
+	}
+	return nil, false
+}
+
+func TestAClientThatGivesUpIsA499AtInfoAndADatabaseTimeoutA500AtError(t *testing.T) {
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	admin := newTestPool(t, dsn, nil)
+	key := newTestKey(t, jwa.ES256, "ops", 0)
+	jwksURL := newJWKSServer(t, key.publicJWK(t, false)).URL
+	token := key.token(t, validClaims("1001"))
+
+	for _, tc := range []struct {
+		name          string
+		queryTimeout  string
+		clientGivesUp bool
+		status        int
+		errorLine     bool // the cause at ERROR, beside the access line (always INFO)
+	}{
+		// The client leaves long before DB_QUERY_TIMEOUT: nothing failed on
+		// this side, and the alert on 500s must not page anyone for it.
+		{"a client that gives up while the table is locked", "30s", true, 499, false},
+		{"a database that does not answer within DB_QUERY_TIMEOUT", "500ms", false, http.StatusInternalServerError, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv(dsn, jwksURL)
+			env["DB_QUERY_TIMEOUT"] = tc.queryTimeout
+			rs := startRun(t, env)
+			waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, rs.base+"/readyz", "").code == http.StatusOK })
+
+			release := lockRecords(t, dsn)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			const requestID = "gives-up-1"
+			req, _ := http.NewRequestWithContext(ctx, http.MethodGet, rs.base+"/3ds/my-records", nil)
+			req.Header.Set("Authorization", "Bearer "+token)
+			req.Header.Set("X-Request-ID", requestID)
+			answered := make(chan answer, 1)
+			go func() {
+				resp, err := opsClient.Do(req)
+				if err != nil {
+					answered <- answer{err: err}
+					return
+				}
+				defer resp.Body.Close()
+				body, _ := io.ReadAll(resp.Body)
+				answered <- answer{code: resp.StatusCode, header: resp.Header, body: body}
+			}()
+			if tc.clientGivesUp {
+				waitFor(t, 10*time.Second, "the page query to wait on the lock", func() bool { return serviceBackends(t, admin, true) == 1 })
+				cancel()
+			}
+			a := <-answered
+			if tc.clientGivesUp && !errors.Is(a.err, context.Canceled) {
+				t.Fatalf("the client's request ended with %d %v, want its own cancellation", a.code, a.err)
+			}
+			if !tc.clientGivesUp && a.code != tc.status {
+				t.Fatalf("status %d %v, want %d", a.code, a.err, tc.status)
+			}
+
+			var line map[string]any
+			waitFor(t, 10*time.Second, "the access log line", func() bool {
+				var ok bool
+				line, ok = accessLine(t, rs.stdout, requestID)
+				return ok
+			})
+			if line["status"] != float64(tc.status) || line["level"] != "INFO" {
+				t.Errorf("access line has status %v at %v, want %d at INFO: %v", line["status"], line["level"], tc.status, line)
+			}
+			var errorLines []map[string]any
+			for _, l := range rs.stdout.logLines(t) {
+				if l["level"] == "ERROR" {
+					errorLines = append(errorLines, l)
+				}
+			}
+			if tc.errorLine && (len(errorLines) != 1 || errorLines[0]["msg"] != "list records failed" || errorLines[0]["request_id"] != requestID) {
+				t.Errorf("want one ERROR line \"list records failed\" for %s, got %v", requestID, errorLines)
+			}
+			if !tc.errorLine && len(errorLines) != 0 {
+				t.Errorf("want no ERROR line, got %v", errorLines)
+			}
+
+			m := scrapeMetrics(t, rs.base)
+			for _, code := range []int{499, http.StatusInternalServerError} {
+				want := 0.0
+				if code == tc.status {
+					want = 1
+				}
+				got := 0.0
+				if s, ok := m.find("threeds_http_requests_total", "route", "GET /3ds/my-records", "code", strconv.Itoa(code)); ok {
+					got = s.value
+				}
+				if got != want {
+					t.Errorf("threeds_http_requests_total{code=%q} = %v, want %v", strconv.Itoa(code), got, want)
+				}
+			}
+			release()
+			if err := rs.stop(t); err != nil {
+				t.Errorf("run: %v", err)
+			}
+		})
+	}
+}
+
+func TestMaxInFlightIsAPositiveIntegerOrTheStartFails(t *testing.T) {
+	for _, tc := range []struct {
+		value string
+		want  int // 0: a config error naming MAX_IN_FLIGHT
+	}{
+		{"", defaultMaxInFlight},
+		{"1", 1},
+		{"064", 64},
+		{"1000000", 1000000},
+		{"0", 0},
+		{"-1", 0},
+		{"+8", 0},
+		{"8 ", 0},
+		{"1.5", 0},
+		{"1e3", 0},
+		{"lots", 0},
+		{"1000001", 0},
+		{"99999999999999999999", 0},
+	} {
+		name := fmt.Sprintf("%q gives %d", tc.value, tc.want)
+		if tc.want == 0 {
+			name = fmt.Sprintf("%q is refused", tc.value)
+		}
+		t.Run(name, func(t *testing.T) {
+			env := serviceEnv("postgres://u@127.0.0.1:5432/db", "https://idp.test/jwks")
+			env["MAX_IN_FLIGHT"] = tc.value
+			cfg, err := loadConfig(envFunc(env), false)
+			if tc.want == 0 {
+				var ce *configError
+				if !errors.As(err, &ce) || ce.name != "MAX_IN_FLIGHT" {
+					t.Fatalf("loadConfig = %v, want a configError naming MAX_IN_FLIGHT", err)
+				}
+				return
+			}
+			if err != nil || cfg.maxInFlight != tc.want {
+				t.Fatalf("loadConfig: max in flight %v, err %v; want %d", cfg, err, tc.want)
+			}
+		})
+	}
+}
+
+// TestBeyondMaxInFlightAnAPIRequestIsShedAtOnceAndProbesStillAnswer stalls
+// the database with a table lock: the first MAX_IN_FLIGHT requests park
+// (two on the pool's connections, one waiting for a connection), the next
+// one is a 503 with Retry-After without waiting, and the probes and
+// /metrics keep answering; once the lock goes, every parked request
+// completes.
+func TestBeyondMaxInFlightAnAPIRequestIsShedAtOnceAndProbesStillAnswer(t *testing.T) {
+	const maxInFlight = 3
+	dsn := newTestDB(t)
+	seedDatabase(t, dsn)
+	key := newTestKey(t, jwa.ES256, "ops", 0)
+	env := serviceEnv(withPoolSize(t, dsn, 2), newJWKSServer(t, key.publicJWK(t, false)).URL)
+	env["MAX_IN_FLIGHT"] = strconv.Itoa(maxInFlight)
+	env["DB_QUERY_TIMEOUT"] = "60s" // the lock, not the deadline, decides
+	admin := newTestPool(t, dsn, nil)
+	rs := startRun(t, env)
+	waitFor(t, 10*time.Second, "readiness", func() bool { return mustFetch(t, opsClient, rs.base+"/readyz", "").code == http.StatusOK })
+	token := key.token(t, validClaims("1001"))
+	api := rs.base + "/3ds/my-records"
+
+	release := lockRecords(t, dsn)
+	parked := make(chan answer, maxInFlight)
+	for range maxInFlight {
+		go func() { parked <- fetch(opsClient, http.MethodGet, api, token, "") }()
+	}
+	waitFor(t, 10*time.Second, "MAX_IN_FLIGHT requests to park", func() bool {
+		return scrapeMetrics(t, rs.base).value(t, "threeds_http_in_flight") == maxInFlight &&
+			serviceBackends(t, admin, true) == 2
+	})
+
+	// A fresh connection, as a new client's would be; the bound is
+	// generous (a parked request waits for the lock, i.e. forever).
+	shed := fetch(freshConnClient, http.MethodGet, api, token, "over-the-limit")
+	if shed.err != nil || shed.code != http.StatusServiceUnavailable {
+		t.Fatalf("request %d: %d %v %s, want a 503 at once", maxInFlight+1, shed.code, shed.err, shed.body)
+	}
+	assertErrorBody(t, shed.header, shed.body)
+	if s, err := strconv.Atoi(shed.header.Get("Retry-After")); err != nil || s < 1 {
+		t.Errorf("Retry-After = %q, want a number of seconds", shed.header.Get("Retry-After"))
+	}
+	t.Logf("shed after %s", shed.took)
+
+	for _, path := range []string{"/healthz", "/readyz", "/metrics", "/openapi.json"} {
+		for range maxInFlight + 2 {
+			if a := fetch(freshConnClient, http.MethodGet, rs.base+path, "", ""); a.err != nil || a.code != http.StatusOK {
+				t.Errorf("%s while the API is full: %d %v %s", path, a.code, a.err, a.body)
+			}
+		}
+	}
+	select {
+	case a := <-parked:
+		t.Fatalf("a parked request ended while the table was locked: %d %v %s", a.code, a.err, a.body)
+	default:
+	}
+
+	release()
+	for range maxInFlight {
+		if a := <-parked; a.err != nil || a.code != http.StatusOK || !bytes.Contains(a.body, []byte(opsPasscode)) {
+			t.Errorf("a parked request after the lock was released: %d %v %s", a.code, a.err, a.body)
+		}
+	}
+	if a := mustFetch(t, opsClient, api, token); a.code != http.StatusOK {
+		t.Errorf("after the stall: %d %s", a.code, a.body)
+	}
+
+	m := scrapeMetrics(t, rs.base)
+	for _, c := range []struct {
+		name  string
+		kv    []string
+		value float64
+	}{
+		{"threeds_http_requests_total", []string{"route", "GET /3ds/my-records", "code", "503"}, 1},
+		{"threeds_http_requests_total", []string{"route", "GET /3ds/my-records", "code", "200"}, maxInFlight + 1},
+		{"threeds_http_shed_total", nil, 1},
+		{"threeds_http_in_flight", nil, 0},
+		{"threeds_http_max_in_flight", nil, maxInFlight},
+	} {
+		if got := m.value(t, c.name, c.kv...); got != c.value {
+			t.Errorf("%s%v = %v, want %v", c.name, c.kv, got, c.value)
+		}
+	}
+	line, ok := accessLine(t, rs.stdout, "over-the-limit")
+	if !ok || line["status"] != float64(http.StatusServiceUnavailable) || line["level"] != "INFO" {
+		t.Errorf("access line of the shed request: %v", line)
 	}
 }

@@ -171,17 +171,32 @@ func unsignedToken(header, payload, sig []byte) string {
 // outages.
 type jwksServer struct {
 	*httptest.Server
-	mu   sync.Mutex
-	body []byte
-	down atomic.Bool
-	hits atomic.Int64
+	mu       sync.Mutex
+	body     []byte
+	hitTimes []time.Time   // when each request arrived
+	gate     chan struct{} // while non-nil, requests wait for it to close (hold)
+	down     atomic.Bool
+	hits     atomic.Int64
 }
 
 func newJWKSServer(t testing.TB, keys ...jwk.Key) *jwksServer {
 	t.Helper()
 	s := &jwksServer{body: jwksJSON(t, keys...)}
 	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		s.hitTimes = append(s.hitTimes, time.Now())
+		gate := s.gate
+		s.mu.Unlock()
 		s.hits.Add(1)
+		if gate != nil {
+			// A slow identity provider: the answer (the set, or the outage)
+			// is decided when the test releases it, not when the request came.
+			select {
+			case <-gate:
+			case <-r.Context().Done():
+				return
+			}
+		}
 		if s.down.Load() {
 			http.Error(w, "identity provider unavailable", http.StatusServiceUnavailable)
 			return
@@ -194,6 +209,30 @@ func newJWKSServer(t testing.TB, keys ...jwk.Key) *jwksServer {
 	}))
 	t.Cleanup(s.Close)
 	return s
+}
+
+// hold makes the server sit on every request until release is called.
+func (s *jwksServer) hold() (release func()) {
+	gate := make(chan struct{})
+	s.mu.Lock()
+	s.gate = gate
+	s.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.gate = nil
+			s.mu.Unlock()
+			close(gate)
+		})
+	}
+}
+
+// arrivals returns when each request reached the server, oldest first.
+func (s *jwksServer) arrivals() []time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]time.Time(nil), s.hitTimes...)
 }
 
 func (s *jwksServer) setKeys(t testing.TB, keys ...jwk.Key) {

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -51,12 +52,14 @@ func (e *configError) Error() string { return e.name + ": " + e.msg }
 
 type config struct {
 	poolConfig      *pgxpool.Config
+	poolSizeFrom    string // poolSizeFromURL or poolSizeFromGOMAXPROCS
 	auth            authConfig
 	listenAddr      string
 	shutdownTimeout time.Duration
 	shutdownDelay   time.Duration
 	queryTimeout    time.Duration
 	logLevel        slog.Level
+	maxInFlight     int
 }
 
 // loadConfig reads every variable of the contract. migrateOnly asks for the
@@ -67,6 +70,11 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.queryTimeout, err = durationVar(getenv, "DB_QUERY_TIMEOUT", 3*time.Second); err != nil {
 		return nil, err
 	}
+	if c.queryTimeout < minQueryTimeout || c.queryTimeout > maxQueryTimeout {
+		// statement_timeout is whole milliseconds: under 1ms it would be sent
+		// as 0, which PostgreSQL reads as "no limit".
+		return nil, &configError{"DB_QUERY_TIMEOUT", fmt.Sprintf("%s is outside %s..%s", c.queryTimeout, minQueryTimeout, maxQueryTimeout)}
+	}
 	databaseURL := getenv("DATABASE_URL")
 	if databaseURL == "" {
 		return nil, &configError{"DATABASE_URL", "is required"}
@@ -74,6 +82,11 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.poolConfig, err = pgxpool.ParseConfig(databaseURL); err != nil {
 		// The parse error may quote the URL, password included: say less.
 		return nil, &configError{"DATABASE_URL", "is not a valid PostgreSQL connection string or URL"}
+	}
+	c.poolSizeFrom = poolSizeFromURL
+	if !hasPoolMaxConns(databaseURL) {
+		c.poolConfig.MaxConns = defaultPoolSize(runtime.GOMAXPROCS(0))
+		c.poolSizeFrom = poolSizeFromGOMAXPROCS
 	}
 	rp := c.poolConfig.ConnConfig.RuntimeParams
 	if _, set := rp["statement_timeout"]; !set && !migrateOnly {
@@ -131,8 +144,14 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.listenAddr = getenv("LISTEN_ADDR"); c.listenAddr == "" {
 		c.listenAddr = ":8080"
 	}
-	if _, port, err := net.SplitHostPort(c.listenAddr); err != nil || port == "" {
+	_, port, err := net.SplitHostPort(c.listenAddr)
+	if err != nil || port == "" {
 		return nil, &configError{"LISTEN_ADDR", "must be host:port or :port"}
+	}
+	if !validPort(port) {
+		// Port 0 would listen on a port nobody knows; a name or a number out
+		// of range would only fail later, at listen, without naming the variable.
+		return nil, &configError{"LISTEN_ADDR", fmt.Sprintf("port %q must be a number in 1..65535", port)}
 	}
 	if c.shutdownTimeout, err = durationVar(getenv, "SHUTDOWN_TIMEOUT", 15*time.Second); err != nil {
 		return nil, err
@@ -146,11 +165,35 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 		// a delay that uses it all up would leave no time to drain.
 		return nil, &configError{"SHUTDOWN_DELAY", "must be shorter than SHUTDOWN_TIMEOUT"}
 	}
+	if c.maxInFlight, err = maxInFlightVar(getenv); err != nil {
+		return nil, err
+	}
 	return c, nil
 }
 
 // defaultConnectTimeout applies when DATABASE_URL has no connect_timeout.
 const defaultConnectTimeout = 5 * time.Second
+
+// The range of DB_QUERY_TIMEOUT the contract allows.
+const (
+	minQueryTimeout = time.Millisecond
+	maxQueryTimeout = 24 * time.Hour
+)
+
+// validPort reports whether s is a TCP port number in 1..65535, in digits only.
+func validPort(s string) bool {
+	if s == "" || len(s) > 5 {
+		return false
+	}
+	n := 0
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return n >= 1 && n <= 65535
+}
 
 func durationVar(getenv func(string) string, name string, def time.Duration) (time.Duration, error) {
 	s := getenv(name)
@@ -215,7 +258,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := slog.New(slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.logLevel}))
 
-	pool, err := pgxpool.NewWithConfig(ctx, cfg.poolConfig)
+	pool, err := newPool(ctx, cfg, logger)
 	if err != nil {
 		return fmt.Errorf("create pool: %w", err)
 	}
@@ -228,30 +271,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return serve(ctx, cfg, NewStore(pool, cfg.queryTimeout), logger)
 }
 
-// runMigrate retries for a while: as a Kubernetes Job it may start before
-// the database accepts connections.
-func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Logger) error {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
-	defer cancel()
-	for {
-		err := store.Migrate(ctx)
-		if err == nil {
-			logger.Info("schema applied", "database", redactedURL(cfg.poolConfig))
-			return nil
-		}
-		logger.Warn("migrate failed; retrying", "error", err.Error())
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("migrate: %w", err)
-		case <-time.After(2 * time.Second):
-		}
-	}
-}
-
 func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) error {
 	verifier := NewVerifier(cfg.auth, logger)
 	defer verifier.Close()
-	srv := newServer(store, verifier, logger)
+	srv := newServer(store, verifier, logger, withMaxInFlight(cfg.maxInFlight))
 
 	ln, err := net.Listen("tcp", cfg.listenAddr)
 	if err != nil {
@@ -280,6 +303,9 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"leeway", cfg.auth.leeway.String(),
 		"db_query_timeout", cfg.queryTimeout.String(),
 		"db_pool_max_conns", cfg.poolConfig.MaxConns,
+		"db_pool_max_conns_from", cfg.poolSizeFrom,
+		"gomaxprocs", runtime.GOMAXPROCS(0),
+		"max_in_flight", cfg.maxInFlight,
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
 		"shutdown_delay", cfg.shutdownDelay.String(),
 		"log_level", cfg.logLevel.String(),

@@ -17,6 +17,7 @@ import (
 type metrics struct {
 	store    *Store
 	verifier *Verifier
+	limit    *inFlightLimit // MAX_IN_FLIGHT of the API routes
 
 	mu       sync.Mutex
 	requests map[routeCode]*atomic.Int64
@@ -130,6 +131,15 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(&b, "threeds_jwks_refreshes_total{result=\"failed\"} %d\n", v.refreshFailed.Load())
 	b.WriteString("# HELP threeds_jwks_keys Usable verification keys loaded.\n# TYPE threeds_jwks_keys gauge\n")
 	fmt.Fprintf(&b, "threeds_jwks_keys %d\n", v.KeyCount())
+
+	if l := m.limit; l != nil {
+		b.WriteString("# HELP threeds_http_in_flight API requests being served now (MAX_IN_FLIGHT counts these).\n# TYPE threeds_http_in_flight gauge\n")
+		fmt.Fprintf(&b, "threeds_http_in_flight %d\n", l.inFlight())
+		b.WriteString("# HELP threeds_http_max_in_flight MAX_IN_FLIGHT: API requests served at once before 503.\n# TYPE threeds_http_max_in_flight gauge\n")
+		fmt.Fprintf(&b, "threeds_http_max_in_flight %d\n", l.max())
+		b.WriteString("# HELP threeds_http_shed_total API requests answered 503 at once because MAX_IN_FLIGHT were being served.\n# TYPE threeds_http_shed_total counter\n")
+		fmt.Fprintf(&b, "threeds_http_shed_total %d\n", l.shed.Load())
+	}
 
 	st := m.store.pool.Stat()
 	for _, g := range []struct {

@@ -99,13 +99,9 @@ const opsPasscode = "918273"
 // of user 1001.
 func seedDatabase(t testing.TB, dsn string) {
 	t.Helper()
+	migrateTestDB(t, dsn)
 	pool := newTestPool(t, dsn, nil)
 	defer pool.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	if _, err := pool.Exec(ctx, schemaSQL); err != nil {
-		t.Fatalf("apply schema: %v", err)
-	}
 	insertRows(t, pool, seedRow{id: 1, userID: 1001, passcode: opsPasscode, amount: "12.5", currency: "EUR",
 		expiresAfter: 300, receivedAt: "2026-01-20T10:30:00Z"})
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
@@ -16,7 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/lestrrat-go/jwx/v2/jwa"
 )
 
@@ -182,50 +183,50 @@ func startRunReady(t *testing.T, env map[string]string) *runningService {
 	return rs
 }
 
-// TestServiceWorksThroughPgBouncerInTransactionMode is the documented setup:
-// default_query_exec_mode=exec in DATABASE_URL, statement_timeout in
-// pgbouncer's ignore_startup_parameters and set on the database instead.
-func TestServiceWorksThroughPgBouncerInTransactionMode(t *testing.T) {
+// refusalWarnings are the log lines that say the pooler refused
+// statement_timeout and what to set instead.
+func refusalWarnings(t testing.TB, logs *syncBuffer) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range logs.logLines(t) {
+		if msg, _ := l["msg"].(string); strings.Contains(msg, "refused the statement_timeout startup parameter") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// checkOneRefusalWarning asserts the warning was logged exactly once, at
+// warn, with the fix for role.
+func checkOneRefusalWarning(t testing.TB, logs *syncBuffer, role string) {
+	t.Helper()
+	warnings := refusalWarnings(t, logs)
+	if len(warnings) != 1 {
+		t.Fatalf("%d statement_timeout refusal lines in the log, want exactly 1: %v", len(warnings), warnings)
+	}
+	w := warnings[0]
+	fix, _ := w["fix"].(string)
+	if w["level"] != "WARN" || !strings.Contains(fix, "ALTER ROLE "+pgx.Identifier{role}.Sanitize()+" SET statement_timeout") ||
+		!strings.Contains(fix, "ignore_startup_parameters") {
+		t.Errorf("the warning does not say what to set: %v", w)
+	}
+	if r, _ := w["refusal"].(string); !strings.Contains(r, "08P01") {
+		t.Errorf("the warning does not quote the refusal: %v", w)
+	}
+}
+
+// TestServiceBehindAStockPgBouncerBecomesReadyAndServesPages is the
+// documented setup: default_query_exec_mode=exec in DATABASE_URL and a
+// pgbouncer.ini without ignore_startup_parameters, which refuses the
+// statement_timeout the service sends at connection start.
+func TestServiceBehindAStockPgBouncerBecomesReadyAndServesPages(t *testing.T) {
 	f := newBouncerFixture(t)
-	// pgbouncer drops the statement_timeout the service sends at startup,
-	// so the server-side limit comes from the database (or role) setting.
-	admin := newTestPool(t, f.direct, nil)
-	if _, err := admin.Exec(context.Background(),
-		"ALTER DATABASE "+pgx.Identifier{databaseName(t, f.direct)}.Sanitize()+" SET statement_timeout = '2500ms'"); err != nil {
-		t.Fatal(err)
-	}
-
 	env := serviceEnv(withParams(f.bouncer, "default_query_exec_mode=exec", "pool_max_conns=8"), f.jwks)
-	// The same pool configuration run() builds, to look at the session the
-	// service gets behind the pooler.
-	cfg, err := loadConfig(envFunc(env), false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := cfg.poolConfig.ConnConfig.RuntimeParams["statement_timeout"]; got != "3000" {
-		t.Fatalf("the service sends statement_timeout=%q, want 3000 (DB_QUERY_TIMEOUT)", got)
-	}
-	pool, err := pgxpool.NewWithConfig(context.Background(), cfg.poolConfig)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	var timeout, appName string
-	if err := pool.QueryRow(context.Background(), "SELECT current_setting('statement_timeout'), current_setting('application_name')").Scan(&timeout, &appName); err != nil {
-		t.Fatalf("query through pgbouncer: %v", err)
-	}
-	if timeout != "2500ms" {
-		t.Errorf("statement_timeout through pgbouncer = %q, want the database's 2500ms (the startup parameter is dropped)", timeout)
-	}
-	if appName != "threeds-records" {
-		t.Errorf("application_name through pgbouncer = %q, want threeds-records (pgbouncer tracks it)", appName)
-	}
-	pool.Close()
-
 	rs := startRunReady(t, env)
 	// Three rounds of 48 concurrent requests: 6x the service's pool and 24x
 	// pgbouncer's, so statements of different client connections interleave
-	// on the same server connections.
+	// on the same server connections, and all 8 of the service's
+	// connections are opened (each one after the refusal must go through).
 	for round := range 3 {
 		results, want := f.hammer(t, rs.base, 48)
 		for i, r := range results {
@@ -234,6 +235,16 @@ func TestServiceWorksThroughPgBouncerInTransactionMode(t *testing.T) {
 			}
 		}
 	}
+	checkOneRefusalWarning(t, rs.stdout, databaseUser(t, f.bouncer))
+}
+
+func databaseUser(t testing.TB, dsn string) string {
+	t.Helper()
+	u, err := url.Parse(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u.User.Username()
 }
 
 // TestPgBouncerWithoutExecModeBreaksPreparedStatements shows why the setting
@@ -276,44 +287,181 @@ func TestPgBouncerWithoutExecModeBreaksPreparedStatements(t *testing.T) {
 	}
 }
 
-// TestPgBouncerRefusesTheStatementTimeoutStartupParameter shows why
-// ignore_startup_parameters is needed: the service sends statement_timeout
-// at connection start, and pgbouncer refuses any parameter it does not track.
-func TestPgBouncerRefusesTheStatementTimeoutStartupParameter(t *testing.T) {
-	f := newBouncerFixture(t, "PGBOUNCER_IGNORE_STARTUP_PARAMETERS=")
-	env := serviceEnv(withParams(f.bouncer, "default_query_exec_mode=exec"), f.jwks)
-	cfg, err := loadConfig(envFunc(env), false)
+// TestTheStatementTimeoutRefusalIsDetectedAndTheNextConnectionWorks pins
+// down what the fallback keys on: the refusal as pgx reports it from a
+// stock PgBouncer, and a pool whose next attempt after it connects.
+func TestTheStatementTimeoutRefusalIsDetectedAndTheNextConnectionWorks(t *testing.T) {
+	bouncer := startPgBouncer(t, databaseName(t, newTestDB(t)))
+	cfg, err := loadConfig(envFunc(serviceEnv(withParams(bouncer, "default_query_exec_mode=exec"), "https://idp.test/jwks")), false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+
 	conn, err := pgx.ConnectConfig(ctx, cfg.poolConfig.ConnConfig)
 	if err == nil {
 		conn.Close(ctx)
-		t.Fatal("pgbouncer accepted the statement_timeout startup parameter; the README's ignore_startup_parameters advice needs re-checking")
+		t.Fatal("a stock pgbouncer accepted the statement_timeout startup parameter: the fallback is no longer needed, or the test's pgbouncer is not stock")
 	}
-	if !strings.Contains(err.Error(), "unsupported startup parameter: statement_timeout") {
-		t.Errorf("connect error %q does not name the statement_timeout startup parameter", err)
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "08P01" || pgErr.Severity != "FATAL" || pgErr.Message != "unsupported startup parameter: statement_timeout" {
+		t.Fatalf("connect error = %#v, want FATAL 08P01 unsupported startup parameter: statement_timeout", err)
 	}
+	if !refusesStatementTimeout(err) {
+		t.Fatalf("refusesStatementTimeout does not recognise %v", err)
+	}
+	t.Logf("pgbouncer refuses with %s %s: %s", pgErr.Severity, pgErr.Code, pgErr.Message)
 
-	rs := startRun(t, env)
-	deadline := time.Now().Add(2 * time.Second)
-	for time.Now().Before(deadline) {
-		if code, body := rs.get(t, "/readyz", ""); code != http.StatusServiceUnavailable {
-			t.Fatalf("readyz = %d %s, want 503 while no connection can be made", code, body)
+	logs := &syncBuffer{}
+	pool, err := newPool(ctx, cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	if err := pool.Ping(ctx); !refusesStatementTimeout(err) {
+		t.Fatalf("first attempt = %v, want the refusal (the pool starts out sending the parameter)", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		t.Fatalf("the attempt right after the refusal failed: %v", err)
+	}
+	// Every further connection, opened in parallel, connects without it.
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Go(func() {
+			c, err := pool.Acquire(ctx)
+			if err == nil {
+				defer c.Release()
+				_, err = c.Exec(ctx, "SELECT pg_sleep(0.2)")
+			}
+			errs <- err
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("a later connection failed: %v", err)
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
-	code, body := rs.get(t, "/3ds/my-records", f.key.token(t, validClaims(f.users[0])))
-	if code != http.StatusInternalServerError {
-		t.Errorf("API request = %d %s, want a clean 500", code, body)
+	checkOneRefusalWarning(t, logs, cfg.poolConfig.ConnConfig.User)
+}
+
+// TestWhatBringsTheServerSideStatementTimeoutBackBehindPgBouncer checks the
+// advice of the warning: the session's statement_timeout behind pgbouncer
+// in each setup. The role setting is scoped to the test database (ALTER
+// ROLE ... IN DATABASE) because the cluster is shared with other tests.
+func TestWhatBringsTheServerSideStatementTimeoutBackBehindPgBouncer(t *testing.T) {
+	cases := []struct {
+		name         string
+		ignoreParams string
+		roleSetting  string
+		want         string
+		wantWarning  bool
+	}{
+		{"a stock pgbouncer: the service connects without the parameter and the server has no limit", "", "", "0", true},
+		{"ALTER ROLE SET statement_timeout, as the warning says, brings the server-side limit back", "", "3000ms", "3s", true},
+		{"ignore_startup_parameters alone stops the refusal but drops the value", "statement_timeout", "", "0", false},
+		{"ignore_startup_parameters with ALTER ROLE connects at once with the server-side limit", "statement_timeout", "3000ms", "3s", false},
 	}
-	if strings.Contains(string(body), "startup parameter") {
-		t.Errorf("the 500 body reveals the cause: %s", body)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			direct := newTestDB(t)
+			if tc.roleSetting != "" {
+				admin := newTestPool(t, direct, nil)
+				stmt := fmt.Sprintf("ALTER ROLE %s IN DATABASE %s SET statement_timeout = '%s'",
+					pgx.Identifier{databaseUser(t, direct)}.Sanitize(), pgx.Identifier{databaseName(t, direct)}.Sanitize(), tc.roleSetting)
+				if _, err := admin.Exec(context.Background(), stmt); err != nil {
+					t.Fatal(err)
+				}
+			}
+			bouncer := startPgBouncer(t, databaseName(t, direct), "PGBOUNCER_IGNORE_STARTUP_PARAMETERS="+tc.ignoreParams)
+			cfg, err := loadConfig(envFunc(serviceEnv(withParams(bouncer, "default_query_exec_mode=exec"), "https://idp.test/jwks")), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			logs := &syncBuffer{}
+			pool, err := newPool(ctx, cfg, slog.New(slog.NewJSONHandler(logs, nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pool.Close()
+			var got string
+			err = pool.QueryRow(ctx, "SHOW statement_timeout").Scan(&got)
+			if tc.wantWarning && refusesStatementTimeout(err) {
+				err = pool.QueryRow(ctx, "SHOW statement_timeout").Scan(&got)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tc.want {
+				t.Errorf("statement_timeout on the server = %q, want %q", got, tc.want)
+			}
+			if n := len(refusalWarnings(t, logs)); (n == 1) != tc.wantWarning || n > 1 {
+				t.Errorf("%d refusal warnings, want %v", n, tc.wantWarning)
+			}
+		})
 	}
-	var pgErr interface{ SQLState() string }
-	if errors.As(err, &pgErr) {
-		t.Logf("pgbouncer refused with SQLSTATE %s: %v", pgErr.SQLState(), err)
+}
+
+// TestASlowQueryBehindAStockPgBouncerIsStillCutAtDBQueryTimeout: without
+// the server-side limit, the store's context deadline still ends each
+// request at DB_QUERY_TIMEOUT.
+func TestASlowQueryBehindAStockPgBouncerIsStillCutAtDBQueryTimeout(t *testing.T) {
+	f := newBouncerFixture(t)
+	const (
+		queryTimeout = time.Second
+		slack        = 2 * time.Second // -race on two shared cores, and a pooler in between
+		requests     = 4
+	)
+	env := serviceEnv(withParams(f.bouncer, "default_query_exec_mode=exec", "pool_max_conns=8"), f.jwks)
+	env["DB_QUERY_TIMEOUT"] = queryTimeout.String()
+	rs := startRunReady(t, env)
+	token := f.key.token(t, validClaims(f.users[0]))
+	api := rs.base + "/3ds/my-records"
+
+	release := lockRecords(t, f.direct)
+	answers := make(chan answer, requests)
+	for range requests {
+		go func() { answers <- fetch(opsClient, http.MethodGet, api, token, "") }()
 	}
+	var took []time.Duration
+	for range requests {
+		select {
+		case a := <-answers:
+			assertClean500(t, a)
+			took = append(took, a.took.Round(time.Millisecond))
+			if a.took > queryTimeout+slack {
+				t.Errorf("a request took %s with DB_QUERY_TIMEOUT %s", a.took, queryTimeout)
+			}
+			if a.took < queryTimeout*8/10 {
+				t.Errorf("a request failed after %s, before DB_QUERY_TIMEOUT %s: it did not wait for the database", a.took, queryTimeout)
+			}
+		case <-time.After(queryTimeout + 2*slack):
+			t.Fatal("a request hung past DB_QUERY_TIMEOUT behind pgbouncer")
+		}
+	}
+	// Not asserted, only reported: without the server-side limit nothing in
+	// the service stops an abandoned statement on the server, so whether it
+	// lingers is up to the pooler.
+	admin := newTestPool(t, f.direct, nil)
+	answered := time.Now()
+	waiting := serviceBackends(t, admin, true)
+	left := waiting
+	for left > 0 && time.Since(answered) < 3*time.Second {
+		time.Sleep(50 * time.Millisecond)
+		left = serviceBackends(t, admin, true)
+	}
+	t.Logf("%d requests against a locked table behind a stock pgbouncer, DB_QUERY_TIMEOUT %s: 500 after %v; "+
+		"the service's statements waiting on the lock on the server when the last answer came: %d, %s later: %d",
+		requests, queryTimeout, took, waiting, time.Since(answered).Round(10*time.Millisecond), left)
+
+	release()
+	waitFor(t, 10*time.Second, "pages again once the lock is released", func() bool {
+		return fetch(opsClient, http.MethodGet, api, token, "").code == http.StatusOK
+	})
+	checkOneRefusalWarning(t, rs.stdout, databaseUser(t, f.bouncer))
 }

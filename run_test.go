@@ -6,10 +6,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	mathrand "math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -140,9 +143,27 @@ func serviceEnv(databaseURL, jwksURL string) map[string]string {
 		"JWKS_URL":         jwksURL,
 		"JWT_ISSUER":       testIssuer,
 		"JWT_AUDIENCE":     testAudience,
-		"LISTEN_ADDR":      "127.0.0.1:0",
+		"LISTEN_ADDR":      freeListenAddr(),
 		"SHUTDOWN_TIMEOUT": "5s",
 	}
+}
+
+// freeListenAddr is a 127.0.0.1 address whose port was free a moment ago.
+// LISTEN_ADDR refuses port 0, so tests pick the port themselves. The range
+// is below Linux's ephemeral ports (32768 and up), which outgoing
+// connections take at random and could squat on before the service binds.
+func freeListenAddr() string {
+	for range 200 {
+		port := 20000 + mathrand.IntN(12000)
+		ln, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		addr := ln.Addr().String()
+		_ = ln.Close()
+		return addr
+	}
+	panic("no free TCP port in 20000..31999 on 127.0.0.1")
 }
 
 func TestConfigErrorsNameTheVariable(t *testing.T) {
@@ -164,6 +185,13 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"a malformed SHUTDOWN_TIMEOUT", map[string]string{"SHUTDOWN_TIMEOUT": "15"}, "SHUTDOWN_TIMEOUT"},
 		{"a malformed LOG_LEVEL", map[string]string{"LOG_LEVEL": "loud"}, "LOG_LEVEL"},
 		{"a malformed DB_QUERY_TIMEOUT", map[string]string{"DB_QUERY_TIMEOUT": "0s"}, "DB_QUERY_TIMEOUT"},
+		{"a LISTEN_ADDR on port 0", map[string]string{"LISTEN_ADDR": ":0"}, "LISTEN_ADDR"},
+		{"a LISTEN_ADDR on port 65536", map[string]string{"LISTEN_ADDR": "127.0.0.1:65536"}, "LISTEN_ADDR"},
+		{"a LISTEN_ADDR with a port far out of range", map[string]string{"LISTEN_ADDR": ":99999999999"}, "LISTEN_ADDR"},
+		{"a LISTEN_ADDR with a negative port", map[string]string{"LISTEN_ADDR": "127.0.0.1:-1"}, "LISTEN_ADDR"},
+		{"a LISTEN_ADDR with a port name", map[string]string{"LISTEN_ADDR": ":http"}, "LISTEN_ADDR"},
+		{"a DB_QUERY_TIMEOUT under a millisecond", map[string]string{"DB_QUERY_TIMEOUT": "999us"}, "DB_QUERY_TIMEOUT"},
+		{"a DB_QUERY_TIMEOUT over a day", map[string]string{"DB_QUERY_TIMEOUT": "24h0m0.001s"}, "DB_QUERY_TIMEOUT"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name+" is a config error naming "+tc.variable, func(t *testing.T) {
@@ -174,7 +202,11 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 			for k, v := range tc.change {
 				env[k] = v
 			}
-			err := run(context.Background(), nil, envFunc(env), &syncBuffer{}, &syncBuffer{})
+			// Bounded: a setting that is wrongly accepted starts the server,
+			// and run then returns nil when the context ends.
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			err := run(ctx, nil, envFunc(env), &syncBuffer{}, &syncBuffer{})
 			var ce *configError
 			if !errors.As(err, &ce) {
 				t.Fatalf("run = %v, want a configError", err)
@@ -227,18 +259,38 @@ func testBinary(t testing.TB) string {
 }
 
 func TestTheBinaryExits2WithOneLineOnABadVariable(t *testing.T) {
-	cmd := exec.Command(testBinary(t))
-	cmd.Env = []string{"DATABASE_URL=postgres://u@127.0.0.1/db", "JWKS_URL=https://idp.test/jwks", "JWT_ISSUER=x", "JWT_LEEWAY=forever"}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	err := cmd.Run()
-	var exit *exec.ExitError
-	if !errors.As(err, &exit) || exit.ExitCode() != 2 {
-		t.Fatalf("exit = %v, want code 2", err)
+	valid := map[string]string{"DATABASE_URL": "postgres://u@127.0.0.1/db", "JWKS_URL": "https://idp.test/jwks", "JWT_ISSUER": "x"}
+	cases := []struct {
+		name, variable, value string
+	}{
+		{"a leeway that is not a duration", "JWT_LEEWAY", "forever"},
+		{"a listen port of 0", "LISTEN_ADDR", ":0"},
+		{"a listen port of 65536", "LISTEN_ADDR", ":65536"},
+		{"a listen port that is not a number", "LISTEN_ADDR", "127.0.0.1:eighty"},
+		{"a query timeout under a millisecond", "DB_QUERY_TIMEOUT", "500us"},
+		{"a query timeout over a day", "DB_QUERY_TIMEOUT", "25h"},
 	}
-	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
-	if len(lines) != 1 || !strings.Contains(lines[0], "JWT_LEEWAY") {
-		t.Errorf("stderr = %q, want one line naming JWT_LEEWAY", stderr.String())
+	for _, tc := range cases {
+		t.Run(tc.name+" exits 2 naming "+tc.variable, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, testBinary(t))
+			for k, v := range valid {
+				cmd.Env = append(cmd.Env, k+"="+v)
+			}
+			cmd.Env = append(cmd.Env, tc.variable+"="+tc.value)
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() != 2 {
+				t.Fatalf("exit = %v, want code 2; stderr %q", err, stderr.String())
+			}
+			lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], tc.variable) {
+				t.Errorf("stderr = %q, want one line naming %s", stderr.String(), tc.variable)
+			}
+		})
 	}
 }
 
@@ -308,4 +360,55 @@ func TestRunServesTheAPIAndStopsCleanly(t *testing.T) {
 	if !sawRequest {
 		t.Errorf("no access log line for the API request in:\n%s", logs)
 	}
+}
+
+func TestThePoolSizeFollowsGOMAXPROCSUnlessPoolMaxConnsIsSet(t *testing.T) {
+	key := newTestKey(t, jwa.ES256, "pool", 0)
+	jwks := newJWKSServer(t, key.publicJWK(t, false)).URL
+	// Nothing listens on port 1: the pool connects lazily, and the start
+	// line is all this test reads.
+	const url = "postgres://u@127.0.0.1:1/db"
+	cases := []struct {
+		name        string
+		gomaxprocs  string
+		databaseURL string
+		want        float64
+		wantFrom    string
+	}{
+		{"one CPU gets the floor of 4", "1", url, 4, "GOMAXPROCS"},
+		{"three CPUs get two connections each", "3", url, 6, "GOMAXPROCS"},
+		{"64 CPUs get the cap of 8, not 64", "64", url, 8, "GOMAXPROCS"},
+		{"pool_max_conns in a URL wins over GOMAXPROCS", "64", url + "?pool_max_conns=3", 3, "pool_max_conns"},
+		{"pool_max_conns in keyword/value form wins over GOMAXPROCS", "1", "host=127.0.0.1 port=1 user=u dbname=db pool_max_conns=20", 20, "pool_max_conns"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv(tc.databaseURL, jwks)
+			// Go reads GOMAXPROCS at process start, hence a process per case.
+			env["GOMAXPROCS"] = tc.gomaxprocs
+			b := startBinary(t, env)
+			var line map[string]any
+			for _, l := range b.stdout.logLines(t) {
+				if l["msg"] == "listening" {
+					line = l
+				}
+			}
+			if line["db_pool_max_conns"] != tc.want || line["db_pool_max_conns_from"] != tc.wantFrom {
+				t.Errorf("start line says db_pool_max_conns=%v from %v, want %v from %s (gomaxprocs %v)",
+					line["db_pool_max_conns"], line["db_pool_max_conns_from"], tc.want, tc.wantFrom, line["gomaxprocs"])
+			}
+			if tc.wantFrom == "GOMAXPROCS" && line["gomaxprocs"] != float64(mustAtoi(t, tc.gomaxprocs)) {
+				t.Errorf("start line says gomaxprocs=%v, want %s", line["gomaxprocs"], tc.gomaxprocs)
+			}
+		})
+	}
+}
+
+func mustAtoi(t testing.TB, s string) int {
+	t.Helper()
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

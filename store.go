@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	_ "embed"
 	"fmt"
 	"math"
 	"strings"
@@ -11,9 +10,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-//go:embed schema.sql
-var schemaSQL string
 
 // Record is one row as the API shows it (already formatted for JSON).
 type Record struct {
@@ -156,36 +152,6 @@ func (s *Store) Ping(ctx context.Context) error {
 	var one int
 	if err := s.pool.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
 		return fmt.Errorf("ping: %w", err)
-	}
-	return nil
-}
-
-// migrateLockKey is an arbitrary pg_advisory lock id reserved for this
-// service's schema migration.
-const migrateLockKey int64 = 0x3d5_5c4e_3a00
-
-// Migrate applies schemaSQL. Concurrent CREATE ... IF NOT EXISTS statements can
-// still collide in the catalog (two migrate Jobs, or a retried one), so the
-// schema is applied in one transaction under an advisory lock: the second
-// runner waits, then finds everything in place.
-func (s *Store) Migrate(ctx context.Context) error {
-	ctx, cancel := s.withTimeout(ctx)
-	defer cancel()
-	tx, err := s.pool.Begin(ctx)
-	if err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	defer tx.Rollback(ctx) // no-op after Commit
-	if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", migrateLockKey); err != nil {
-		return fmt.Errorf("migrate: lock: %w", err)
-	}
-	// No arguments: pgx sends this over the simple protocol, which accepts
-	// several statements in one message.
-	if _, err := tx.Exec(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("migrate: %w", err)
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("migrate: commit: %w", err)
 	}
 	return nil
 }

@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -489,41 +488,6 @@ func TestStorePageQueryCanBeAnIndexOnlyScanWithoutSort(t *testing.T) {
 	if !strings.Contains(plan, "Heap Fetches: 0") {
 		t.Errorf("the index-only scan still fetched heap pages after VACUUM:\n%s", plan)
 	}
-}
-
-func TestStoreMigrate(t *testing.T) {
-	t.Parallel()
-	t.Run("migrating an already migrated database twice keeps its rows", func(t *testing.T) {
-		t.Parallel()
-		store, pool := newTestStore(t)
-		insertRows(t, pool, row(1, 3, "2026-01-20 10:30:00Z"))
-		for i := range 2 {
-			if err := store.Migrate(context.Background()); err != nil {
-				t.Fatalf("Migrate #%d: %v", i+1, err)
-			}
-		}
-		records, total, err := store.ListRecords(context.Background(), 3, 1, 20)
-		if err != nil || total != 1 || len(records) != 1 {
-			t.Fatalf("after migrating: %d records, total %d, err %v; want the one row", len(records), total, err)
-		}
-	})
-	t.Run("concurrent migrations of an empty database all succeed", func(t *testing.T) {
-		t.Parallel()
-		pool := newTestPool(t, newEmptyTestDB(t), func(cfg *pgxpool.Config) { cfg.MaxConns = 4 })
-		store := NewStore(pool, 10*time.Second)
-		var wg sync.WaitGroup
-		errs := make([]error, 4)
-		for i := range errs {
-			wg.Go(func() { errs[i] = store.Migrate(context.Background()) })
-		}
-		wg.Wait()
-		if err := errors.Join(errs...); err != nil {
-			t.Fatalf("Migrate: %v", err)
-		}
-		if _, total, err := store.ListRecords(context.Background(), 1, 1, 20); err != nil || total != 0 {
-			t.Fatalf("ListRecords after migrating: total %d, err %v", total, err)
-		}
-	})
 }
 
 func TestStorePing(t *testing.T) {

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# A throwaway PgBouncer in transaction-pooling mode, for tests and local trials.
+# A throwaway PgBouncer in transaction-pooling mode, for tests and local trials. Apart from
+# where it listens, whom it trusts and the pool size, its pgbouncer.ini is stock: in particular
+# no ignore_startup_parameters, so it refuses the statement_timeout startup parameter the way a
+# stock production PgBouncer does.
 #
 #   scripts/pgbouncer.sh start DIR UPSTREAM_URL   writes DIR/pgbouncer.ini, starts pgbouncer on a free
 #                                                 127.0.0.1 port and prints the URL to use instead of
@@ -12,8 +15,7 @@
 # Tuning, from the environment at start:
 #   PGBOUNCER_POOL_SIZE                 server connections per database/user pair (default 4)
 #   PGBOUNCER_IGNORE_STARTUP_PARAMETERS startup parameters pgbouncer accepts and drops
-#                                       (default statement_timeout: the service sends it, and
-#                                       pgbouncer refuses the connection otherwise; see README)
+#                                       (default: none, as in a stock pgbouncer.ini)
 #   PGBOUNCER_BIN                       the pgbouncer binary (default: PATH, then /usr/sbin)
 # As root with apt-get, the Debian package `pgbouncer` is installed when missing, and
 # pgbouncer runs as the postgres user (it refuses to run as root).
@@ -148,11 +150,11 @@ logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
 pool_mode = transaction
 default_pool_size = ${PGBOUNCER_POOL_SIZE:-4}
-max_client_conn = 200
-ignore_startup_parameters = ${PGBOUNCER_IGNORE_STARTUP_PARAMETERS-statement_timeout}
-server_reset_query =
 admin_users = $up_user
 EOF
+	if [ -n "${PGBOUNCER_IGNORE_STARTUP_PARAMETERS:-}" ]; then
+		echo "ignore_startup_parameters = $PGBOUNCER_IGNORE_STARTUP_PARAMETERS" >>"$dir/pgbouncer.ini"
+	fi
 	if is_root; then
 		chown postgres "$dir/userlist.txt" "$dir/pgbouncer.ini"
 	fi

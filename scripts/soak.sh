@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317 # cleanup and on_signal run from traps
 # make soak: the real binary under steady load while PostgreSQL restarts, the
-# JWKS endpoint goes down, slowloris clients and 1 MiB headers arrive; prints a
-# Markdown table and exits non-zero when a value that must be 0 is not.
+# JWKS endpoint goes down, slowloris clients and 1 MiB headers arrive, and the
+# database stalls under a flood of requests and idle connections (RSS must stay
+# under deploy/kubernetes/deployment.yaml's memory limit); prints a Markdown
+# table and exits non-zero when a value that must be 0 is not.
 # Everything is throwaway (a cluster from scripts/pg.sh in a temp dir) and runs
 # on 127.0.0.1; about 3 minutes. Arguments go to the soak program (soak/), e.g.
 #   scripts/soak.sh -scale 0.2     a quick trial with every phase shortened
+#   scripts/soak.sh -phases 0,5    only the baseline and the stall phase
 # SOAK_KEEP=1 keeps the work dir (service log, report) even on success.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -60,7 +63,8 @@ DATABASE_URL=$db_url "$work/threeds-records" migrate >"$work/migrate.log"
 # In the background so a signal reaches the trap at once.
 "$work/soak" -bin "$work/threeds-records" -database-url "$db_url" \
 	-pg-script "$repo/scripts/pg.sh" -pg-dir "$work/pg" \
-	-log "$work/service.log" -pidfile "$work/service.pid" -report "$work/report.md" "$@" </dev/null &
+	-log "$work/service.log" -pidfile "$work/service.pid" -report "$work/report.md" \
+	-manifest "$repo/deploy/kubernetes/deployment.yaml" "$@" </dev/null &
 child=$!
 rc=0
 wait "$child" || rc=$?

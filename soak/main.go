@@ -1,5 +1,7 @@
 // Command soak runs the real threeds-records binary under steady load while
-// its dependencies fail and hostile clients arrive, then prints what held.
+// its dependencies fail and hostile clients arrive, then prints what held:
+// the last phase stalls the database under a flood of requests and idle
+// connections and holds the process's RSS to the Kubernetes memory limit.
 // scripts/soak.sh (make soak) builds everything and starts the database; run
 // it from there. Every loop here is bounded in time and talks to 127.0.0.1
 // only.
@@ -43,12 +45,22 @@ const (
 	rowsPerUser  = 30
 	goodKid      = "soak-1"
 	recoveryWait = 60 * time.Second
+	// dbQueryTimeout is the service's DB_QUERY_TIMEOUT here.
+	dbQueryTimeout = 3 * time.Second
 )
 
 type options struct {
 	bin, databaseURL, pgScript, pgDir, logPath, pidPath, reportPath string
 	workers, rate                                                   int
 	scale                                                           float64
+	// The stall phase: the Kubernetes manifest whose memory limit the
+	// service must stay under (or memoryLimitMiB to override it), the
+	// connections the gateway may hold open, and the flood's clients.
+	manifest                 string
+	memoryLimitMiB           float64
+	gatewayConns, floodConns int
+	floodPause               time.Duration
+	phases                   string // which phases to run, by number
 }
 
 func main() {
@@ -63,6 +75,12 @@ func main() {
 	flag.IntVar(&o.workers, "workers", 8, "concurrent clients of the steady load")
 	flag.IntVar(&o.rate, "rate", 200, "steady load in requests per second, all clients together")
 	flag.Float64Var(&o.scale, "scale", 1, "multiply every phase duration (0.2 for a quick trial)")
+	flag.StringVar(&o.manifest, "manifest", "deploy/kubernetes/deployment.yaml", "Kubernetes manifest whose threeds-records memory limit the stall phase enforces")
+	flag.Float64Var(&o.memoryLimitMiB, "memory-limit-mib", 0, "memory limit for the stall phase in MiB (0: read it from -manifest)")
+	flag.IntVar(&o.gatewayConns, "gateway-conns", 1024, "stall phase: idle keep-alive connections held open, as a gateway's pool would")
+	flag.IntVar(&o.floodConns, "flood-conns", 256, "stall phase: clients sending requests back to back, each on its own connection")
+	flag.DurationVar(&o.floodPause, "flood-pause", 100*time.Millisecond, "stall phase: a flood client's pause after a 503")
+	flag.StringVar(&o.phases, "phases", "", "comma-separated phase numbers to run, e.g. 0,5 (default: all)")
 	flag.Parse()
 	if o.bin == "" || o.databaseURL == "" || o.pgDir == "" {
 		fmt.Fprintln(os.Stderr, "soak: -bin, -database-url and -pg-dir are required; run it through scripts/soak.sh")
@@ -95,6 +113,13 @@ func run(ctx context.Context, o options) (bool, error) {
 		return false, err
 	}
 	defer idp.Close()
+
+	limitMiB := o.memoryLimitMiB
+	if limitMiB <= 0 {
+		if limitMiB, err = manifestMemoryLimitMiB(o.manifest, "threeds-records"); err != nil {
+			return false, err
+		}
+	}
 
 	say("seeding %d users x %d rows", users, rowsPerUser)
 	if err := seed(ctx, o.databaseURL); err != nil {
@@ -132,12 +157,15 @@ func run(ctx context.Context, o options) (bool, error) {
 	var results []*phaseResult
 	phases := []struct {
 		name, fault string
-		inject      func(ctx context.Context, p *phaseResult) error
+		// dbFault: the database fails, so the steady load may see 500s
+		// (and 503s once MAX_IN_FLIGHT requests are parked) while it lasts.
+		dbFault bool
+		inject  func(ctx context.Context, p *phaseResult) error
 	}{
-		{"0 baseline", "none (steady load only)", func(ctx context.Context, p *phaseResult) error {
+		{"0 baseline", "none (steady load only)", false, func(ctx context.Context, p *phaseResult) error {
 			return sleep(ctx, o.d(10))
 		}},
-		{"1 PostgreSQL restart", "`scripts/pg.sh restart` (fast stop, start on the same port)", func(ctx context.Context, p *phaseResult) error {
+		{"1 PostgreSQL restart", "`scripts/pg.sh restart` (fast stop, start on the same port)", true, func(ctx context.Context, p *phaseResult) error {
 			if err := sleep(ctx, o.d(3)); err != nil {
 				return err
 			}
@@ -150,19 +178,26 @@ func run(ctx context.Context, o options) (bool, error) {
 			p.note("database down for %s", time.Since(start).Round(100*time.Millisecond))
 			return nil
 		}},
-		{"2 JWKS outage", fmt.Sprintf("JWKS endpoint down for %s: answers 503, then resets connections, then accepts and never answers (%s each)", o.d(30), o.d(10)), func(ctx context.Context, p *phaseResult) error {
+		{"2 JWKS outage", fmt.Sprintf("JWKS endpoint down for %s: answers 503, then resets connections, then accepts and never answers (%s each)", o.d(30), o.d(10)), false, func(ctx context.Context, p *phaseResult) error {
 			return jwksOutage(ctx, o, idp, svc.base, stranger, p)
 		}},
-		{"3 slowloris", fmt.Sprintf("500 connections dribbling one header line a second for %s", o.d(30)), func(ctx context.Context, p *phaseResult) error {
+		{"3 slowloris", fmt.Sprintf("500 connections dribbling one header line a second for %s", o.d(30)), false, func(ctx context.Context, p *phaseResult) error {
 			return slowloris(ctx, svc.addr, 500, o.d(30), p)
 		}},
-		{"4 1 MiB headers", fmt.Sprintf("requests with 1 MiB of headers in 3 shapes from 2 senders for %s", o.d(20)), func(ctx context.Context, p *phaseResult) error {
+		{"4 1 MiB headers", fmt.Sprintf("requests with 1 MiB of headers in 3 shapes from 2 senders for %s", o.d(20)), false, func(ctx context.Context, p *phaseResult) error {
 			return bigHeaders(ctx, svc.addr, tokens[1], o.d(20), p)
+		}},
+		{"5 PostgreSQL stall + flood", fmt.Sprintf("the table locked for %s (ACCESS EXCLUSIVE, as a stuck migration would) while %d idle gateway connections stay open and %d clients send requests back to back; RSS must stay under the %.0f MiB memory limit",
+			o.d(20), o.gatewayConns, o.floodConns, limitMiB), true, func(ctx context.Context, p *phaseResult) error {
+			return stallFlood(ctx, o, svc, tokens, limitMiB, p)
 		}},
 	}
 	first := svc.snapshot()
 	for _, ph := range phases {
-		p := &phaseResult{name: ph.name, fault: ph.fault, dbFault: strings.Contains(ph.name, "PostgreSQL"), during: newCounts(), after: newCounts()}
+		if number, _, _ := strings.Cut(ph.name, " "); o.phases != "" && !slices.Contains(strings.Split(o.phases, ","), number) {
+			continue
+		}
+		p := &phaseResult{name: ph.name, fault: ph.fault, dbFault: ph.dbFault, during: newCounts(), after: newCounts()}
 		results = append(results, p)
 		say("phase %s: %s", ph.name, ph.fault)
 		p.before = svc.snapshot()
@@ -383,6 +418,9 @@ func startService(ctx context.Context, o options, jwksURL string) (*service, err
 		"JWT_AUDIENCE="+audience,
 		"LISTEN_ADDR="+addr,
 		"SHUTDOWN_TIMEOUT=10s",
+		// As deploy/kubernetes/deployment.yaml sets it; the stall phase's
+		// parked requests end at this deadline.
+		"DB_QUERY_TIMEOUT="+dbQueryTimeout.String(),
 	)
 	cmd.Env = slices.DeleteFunc(cmd.Env, func(kv string) bool { return strings.HasPrefix(kv, "JWKS_FILE=") })
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -695,12 +733,20 @@ type phaseResult struct {
 	recovery          time.Duration
 	mu                sync.Mutex
 	notes             []string
+	failures          []string // checks of the phase's own that did not hold
 }
 
 func (p *phaseResult) note(format string, args ...any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.notes = append(p.notes, fmt.Sprintf(format, args...))
+}
+
+// fail records a check of the phase's own that did not hold: the run fails.
+func (p *phaseResult) fail(format string, args ...any) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.failures = append(p.failures, fmt.Sprintf(format, args...))
 }
 
 // jwksOutage takes the identity provider down while valid tokens keep
@@ -924,6 +970,9 @@ func render(o options, results []*phaseResult, first, last snapshot, shutdown st
 		for _, n := range p.notes {
 			fmt.Fprintf(&b, " %s.", n)
 		}
+		for _, f := range p.failures {
+			fmt.Fprintf(&b, " **FAILED: %s.**", f)
+		}
 		b.WriteString("\n")
 	}
 	gf, rf := fmtSnap(first)
@@ -938,7 +987,7 @@ func render(o options, results []*phaseResult, first, last snapshot, shutdown st
 func verdict(results []*phaseResult, first, last snapshot, shutdown string) bool {
 	ok := true
 	for _, p := range results {
-		if p.after.non2xx() != 0 || p.during.refused+p.after.refused != 0 || p.during.wrongUser+p.after.wrongUser != 0 || p.recovery < 0 {
+		if p.after.non2xx() != 0 || p.during.refused+p.after.refused != 0 || p.during.wrongUser+p.after.wrongUser != 0 || p.recovery < 0 || len(p.failures) > 0 {
 			ok = false
 		}
 		// Only a database outage may cost requests while it lasts; key
@@ -955,4 +1004,386 @@ func verdict(results []*phaseResult, first, last snapshot, shutdown string) bool
 		ok = false
 	}
 	return ok
+}
+
+// ---- database stall + flood ----
+
+// floodStats counts how the flood's requests ended.
+type floodStats struct {
+	mu       sync.Mutex
+	byStatus map[string]int
+	shedTook []time.Duration // latency of each 503
+}
+
+func (f *floodStats) add(status string, took time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.byStatus[status]++
+	if status == "503" {
+		f.shedTook = append(f.shedTook, took)
+	}
+}
+
+// stallFlood locks the table (as a stuck migration or a long writer
+// transaction would) while a gateway's idle connections stay open and a
+// flood of requests arrives. MAX_IN_FLIGHT requests may park; every other
+// API request must be shed at once, the probes must keep answering, and the
+// process's RSS must stay under the Kubernetes memory limit all along.
+func stallFlood(ctx context.Context, o options, svc *service, tokens []string, limitMiB float64, p *phaseResult) error {
+	pid := svc.cmd.Process.Pid
+	g0 := scrapeGauges(svc.base)
+	maxInFlight := int(g0["threeds_http_max_in_flight"])
+	if maxInFlight <= 0 {
+		return errors.New("the service has no threeds_http_max_in_flight gauge (MAX_IN_FLIGHT)")
+	}
+	rssStart := procStatusKiB(pid)["VmRSS"]
+
+	// The gateway's pool: each connection serves one request, then idles
+	// (the server keeps it for IdleTimeout, 120 s).
+	idle := make([]net.Conn, 0, o.gatewayConns)
+	defer func() {
+		for _, c := range idle {
+			_ = c.Close()
+		}
+	}()
+	for range o.gatewayConns {
+		c, err := openIdleConn(svc.addr)
+		if err != nil {
+			p.fail("opening idle connection %d of %d: %v", len(idle)+1, o.gatewayConns, err)
+			break
+		}
+		idle = append(idle, c)
+	}
+	if err := sleep(ctx, time.Second); err != nil { // let the last connections settle before RSS is read
+		return err
+	}
+	rssIdle := procStatusKiB(pid)["VmRSS"]
+	if len(idle) > 0 {
+		p.note("%d idle keep-alive connections: RSS %s → %s, %.1f KiB each", len(idle), mib(rssStart), mib(rssIdle),
+			float64(rssIdle-rssStart)/float64(len(idle)))
+	}
+
+	lockCtx, cancelLock := context.WithTimeout(ctx, 10*time.Second)
+	defer cancelLock()
+	lockConn, err := pgx.Connect(lockCtx, o.databaseURL)
+	if err != nil {
+		return fmt.Errorf("stall: connect: %w", err)
+	}
+	defer lockConn.Close(context.Background())
+	tx, err := lockConn.Begin(lockCtx)
+	if err == nil {
+		_, err = tx.Exec(lockCtx, "LOCK TABLE threeds_records IN ACCESS EXCLUSIVE MODE")
+	}
+	if err != nil {
+		return fmt.Errorf("stall: lock the table: %w", err)
+	}
+	locked := time.Now()
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = tx.Rollback(rctx)
+		}
+	}
+	defer release()
+
+	phaseCtx, stopPhase := context.WithTimeout(ctx, o.d(20))
+	defer stopPhase()
+	var wg sync.WaitGroup
+
+	// The flood: each client on its own keep-alive connection, back to back
+	// (a parked request takes DB_QUERY_TIMEOUT), pausing only after a 503.
+	flood := &floodStats{byStatus: map[string]int{}}
+	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
+		MaxConnsPerHost: o.floodConns, MaxIdleConnsPerHost: o.floodConns,
+	}}
+	defer client.CloseIdleConnections()
+	for range o.floodConns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for phaseCtx.Err() == nil {
+				user := 1 + mrand.IntN(users)
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, svc.base+"/3ds/my-records?page=1&page_size=20", nil)
+				req.Header.Set("Authorization", "Bearer "+tokens[user])
+				start := time.Now()
+				resp, err := client.Do(req)
+				status := "conn-error"
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					status = strconv.Itoa(resp.StatusCode)
+				} else if ctx.Err() != nil {
+					return
+				}
+				flood.add(status, time.Since(start))
+				if status != "200" && status != "500" {
+					_ = sleep(phaseCtx, o.floodPause)
+				}
+			}
+		}()
+	}
+
+	// RSS every 100 ms: the kernel kills on the moment, not on the average.
+	var peakRSS atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for phaseCtx.Err() == nil {
+			peakRSS.Store(max(peakRSS.Load(), int64(procStatusKiB(pid)["VmRSS"])))
+			_ = sleep(phaseCtx, 100*time.Millisecond)
+		}
+	}()
+
+	// Probes on fresh connections with the manifest's timeouts, as the
+	// kubelet sends them, and the in-flight gauge.
+	probeTimeouts := map[string]time.Duration{"/healthz": 2 * time.Second, "/readyz": 3 * time.Second}
+	var (
+		probeMu      sync.Mutex
+		probeOutcome = map[string]map[string]int{"/healthz": {}, "/readyz": {}}
+		slowestProbe = map[string]time.Duration{}
+		notReadyWhy  = map[string]int{}
+		peakInFlight int
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for phaseCtx.Err() == nil {
+			for _, path := range []string{"/healthz", "/readyz"} {
+				probeClient := &http.Client{Timeout: probeTimeouts[path], Transport: &http.Transport{DisableKeepAlives: true}}
+				start := time.Now()
+				resp, err := probeClient.Get(svc.base + path)
+				took := time.Since(start)
+				outcome, why := "no answer", ""
+				if err == nil {
+					body, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					outcome = strconv.Itoa(resp.StatusCode)
+					var e struct{ Details string }
+					if resp.StatusCode != http.StatusOK && json.Unmarshal(body, &e) == nil {
+						why = e.Details
+					}
+				}
+				probeMu.Lock()
+				probeOutcome[path][outcome]++
+				slowestProbe[path] = max(slowestProbe[path], took)
+				if why != "" {
+					notReadyWhy[why]++
+				}
+				probeMu.Unlock()
+			}
+			n := int(scrapeGauges(svc.base)["threeds_http_in_flight"])
+			probeMu.Lock()
+			peakInFlight = max(peakInFlight, n)
+			probeMu.Unlock()
+			_ = sleep(phaseCtx, 250*time.Millisecond)
+		}
+	}()
+
+	<-phaseCtx.Done()
+	release()
+	stallFor := time.Since(locked)
+	wg.Wait()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	g1 := scrapeGauges(svc.base)
+	status := procStatusKiB(pid)
+
+	// The figures.
+	slices.Sort(flood.shedTook)
+	shedP50, shedP99 := time.Duration(0), time.Duration(0)
+	if n := len(flood.shedTook); n > 0 {
+		shedP50, shedP99 = flood.shedTook[n/2], flood.shedTook[n*99/100]
+	}
+	p.note("table locked for %s; MAX_IN_FLIGHT %d, at most %d in flight seen; flood answers %s; the 503s took p50 %s, p99 %s; threeds_http_shed_total +%.0f",
+		stallFor.Round(100*time.Millisecond), maxInFlight, peakInFlight, statusCounts(flood.byStatus),
+		shedP50.Round(10*time.Microsecond), shedP99.Round(10*time.Microsecond), g1["threeds_http_shed_total"]-g0["threeds_http_shed_total"])
+	for _, path := range []string{"/healthz", "/readyz"} {
+		p.note("%s (timeout %s) during the stall: %s, the slowest in %s", path, probeTimeouts[path],
+			statusCounts(probeOutcome[path]), slowestProbe[path].Round(100*time.Microsecond))
+	}
+	if len(notReadyWhy) > 0 {
+		p.note("/readyz said not ready because: %s", statusCounts(notReadyWhy))
+	}
+	p.note("RSS (sampled every 100 ms) peaked at %s; VmHWM over the whole run %s; limit %.0f MiB (%s)",
+		mib(int(peakRSS.Load())), mib(status["VmHWM"]), limitMiB, o.manifestSource())
+
+	// The checks.
+	limitKiB := int64(limitMiB * 1024)
+	if peakRSS.Load() > limitKiB || int64(status["VmHWM"]) > limitKiB {
+		p.fail("RSS went over the %.0f MiB memory limit (peak %s, VmHWM %s)", limitMiB, mib(int(peakRSS.Load())), mib(status["VmHWM"]))
+	}
+	// Liveness must hold (a failure restarts the container); readiness must
+	// answer within its timeout. Its answer is readiness's own business: it
+	// checks the database, which is what is stalled here.
+	if h := probeOutcome["/healthz"]; len(h) != 1 || h["200"] == 0 {
+		p.fail("/healthz did not always answer 200: %s", statusCounts(h))
+	}
+	if n := probeOutcome["/readyz"]["no answer"]; n > 0 {
+		p.fail("/readyz did not answer within %s %d times", probeTimeouts["/readyz"], n)
+	}
+	if flood.byStatus["503"] == 0 {
+		p.fail("the flood was never shed: no 503 with %d clients against MAX_IN_FLIGHT %d", o.floodConns, maxInFlight)
+	}
+	// A parked request answers at DB_QUERY_TIMEOUT; a shed one must not
+	// wait for anything. Half the deadline leaves room for a busy machine
+	// (the flood, its driver and the service share the cores).
+	if shedP99 > dbQueryTimeout/2 {
+		p.fail("shedding is not at once: the 503s took p99 %s, against DB_QUERY_TIMEOUT %s", shedP99, dbQueryTimeout)
+	}
+	if peakInFlight > maxInFlight {
+		p.fail("%d requests in flight, over MAX_IN_FLIGHT %d", peakInFlight, maxInFlight)
+	}
+	for k, v := range flood.byStatus {
+		if k != "200" && k != "500" && k != "503" {
+			p.fail("%d flood requests ended with %s (only 200, 500 at DB_QUERY_TIMEOUT and 503 are expected)", v, k)
+		}
+	}
+	return nil
+}
+
+func (o options) manifestSource() string {
+	if o.memoryLimitMiB > 0 {
+		return "-memory-limit-mib"
+	}
+	return "resources.limits.memory in " + o.manifest
+}
+
+// openIdleConn opens a connection, has it serve one /healthz, and leaves it
+// idle: what a gateway's keep-alive pool holds.
+func openIdleConn(addr string) (net.Conn, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: soak\r\n\r\n"); err != nil {
+		c.Close()
+		return nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	_ = c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+// procStatusKiB reads the kB fields of /proc/<pid>/status (VmRSS, VmHWM, ...).
+func procStatusKiB(pid int) map[string]int {
+	out := map[string]int{}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return out
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		name, val, _ := strings.Cut(line, ":")
+		if f := strings.Fields(val); len(f) == 2 && f[1] == "kB" {
+			out[name], _ = strconv.Atoi(f[0])
+		}
+	}
+	return out
+}
+
+func mib(kib int) string { return fmt.Sprintf("%.1f MiB", float64(kib)/1024) }
+
+// scrapeGauges reads the unlabelled samples of /metrics.
+func scrapeGauges(base string) map[string]float64 {
+	out := map[string]float64{}
+	client := &http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get(base + "/metrics")
+	if err != nil {
+		return out
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		name, val, ok := strings.Cut(sc.Text(), " ")
+		if !ok || strings.HasPrefix(name, "#") || strings.Contains(name, "{") {
+			continue
+		}
+		if f, err := strconv.ParseFloat(val, 64); err == nil {
+			out[name] = f
+		}
+	}
+	return out
+}
+
+// manifestMemoryLimitMiB finds resources.limits.memory of the named
+// container in a Kubernetes manifest: the limit the soak holds the service
+// to is the one the example deployment sets, not a copy of it. It reads
+// only the indentation-shaped subset of YAML the manifest uses.
+func manifestMemoryLimitMiB(path, container string) (float64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, fmt.Errorf("memory limit: %w (or give -memory-limit-mib)", err)
+	}
+	in, limits := -1, -1 // indentation of the container's "- name:" and of its "limits:"
+	for _, line := range strings.Split(string(b), "\n") {
+		trimmed := strings.TrimLeft(line, " ")
+		indent := len(line) - len(trimmed)
+		if trimmed == "" || strings.HasPrefix(trimmed, "#") {
+			continue
+		}
+		if in < 0 {
+			if strings.TrimSpace(trimmed) == "- name: "+container {
+				in = indent
+			}
+			continue
+		}
+		if indent <= in {
+			break // the next container, or the end of the list
+		}
+		if strings.TrimSpace(trimmed) == "limits:" {
+			limits = indent
+			continue
+		}
+		if limits >= 0 && indent <= limits {
+			limits = -1
+		}
+		if v, ok := strings.CutPrefix(trimmed, "memory:"); ok && limits >= 0 {
+			return parseQuantityMiB(v)
+		}
+	}
+	return 0, fmt.Errorf("memory limit: no resources.limits.memory for container %s in %s", container, path)
+}
+
+// parseQuantityMiB reads a Kubernetes memory quantity (64Mi, 1Gi, 100M, bytes).
+func parseQuantityMiB(q string) (float64, error) {
+	q = strings.Trim(strings.TrimSpace(strings.SplitN(q, "#", 2)[0]), `"'`)
+	units := []struct {
+		suffix string
+		bytes  float64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"k", 1e3}, {"M", 1e6}, {"G", 1e9}}
+	mult := 1.0
+	for _, u := range units {
+		if v, ok := strings.CutSuffix(q, u.suffix); ok {
+			q, mult = v, u.bytes
+			break
+		}
+	}
+	n, err := strconv.ParseFloat(q, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("memory limit: %q is not a memory quantity", q)
+	}
+	return n * mult / (1 << 20), nil
+}
+
+// statusCounts renders {"200": 5, "503": 1} as "200×5, 503×1".
+func statusCounts(m map[string]int) string {
+	parts := make([]string, 0, len(m))
+	for k, v := range m {
+		parts = append(parts, fmt.Sprintf("%s×%d", k, v))
+	}
+	slices.Sort(parts)
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
 }
