@@ -49,10 +49,8 @@ func newReplicaPair(t *testing.T) *replicaPair {
 	p := &replicaPair{users: []int64{201, 202, 203, 204, 205, 206}, perUser: 23, tokens: map[int64]string{}}
 	p.primary = startCluster(t)
 	p.standby = startStandby(t, p.primary)
+	migrateTestDB(t, p.primary.url)
 	pool := newTestPool(t, p.primary.url, nil)
-	if _, err := pool.Exec(context.Background(), schemaSQL); err != nil {
-		t.Fatalf("apply schema on the primary: %v", err)
-	}
 	// Varied columns, so that comparing bodies compares formatting too:
 	// minor units per currency, a NULL merchant, ties on received_at.
 	currencies := []string{"USD", "JPY", "KWD", "EUR"}
@@ -211,6 +209,44 @@ func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationD
 	}
 }
 
+func TestStandbyRefusesMigrateAtOnceAndSaysToUseThePrimary(t *testing.T) {
+	p := newReplicaPair(t)
+	// Bounded well above "at once" so a retrying migrate fails the test
+	// instead of hanging it.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, testBinary(t), "migrate")
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "DATABASE_URL=" + p.standby.url}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	start := time.Now()
+	err := cmd.Run()
+	took := time.Since(start)
+	t.Logf("migrate against the standby: %v after %s; stderr %q", err, took.Round(time.Millisecond), stderr.String())
+	if ctx.Err() != nil {
+		lines := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+		t.Fatalf("migrate was still running after %s: it must fail at once against a standby; its last log line: %s", took.Round(time.Second), lines[len(lines)-1])
+	}
+	exit, ok := err.(*exec.ExitError)
+	if !ok || exit.ExitCode() <= 0 {
+		t.Fatalf("migrate exit = %v, want a non-zero exit code", err)
+	}
+	if took > 15*time.Second {
+		t.Errorf("migrate took %s to give up, want at once (no retries)", took.Round(time.Millisecond))
+	}
+	lines := strings.Split(strings.TrimSpace(stderr.String()), "\n")
+	if len(lines) != 1 {
+		t.Fatalf("stderr has %d lines, want one: %q", len(lines), stderr.String())
+	}
+	msg := strings.ToLower(lines[0])
+	if !strings.Contains(msg, "read-only") && !strings.Contains(msg, "standby") {
+		t.Errorf("%q does not say the server is a read-only standby", lines[0])
+	}
+	if !strings.Contains(msg, "primary") {
+		t.Errorf("%q does not say to point migrate at the primary", lines[0])
+	}
+}
+
 // gateway stands in for the load balancer in front of the replicas: each
 // request goes to the next replica in rotation and, on a connection error
 // or a 503, once more to another one (nginx's proxy_next_upstream, an
@@ -305,29 +341,35 @@ func (g *gateway) pick(avoid string) string {
 	return ""
 }
 
-// get is one request as the client behind the gateway sees it; retried
-// says the first replica failed it.
-func (g *gateway) get(path, token string) (a answer, retried bool) {
+// get is one request as the client behind the gateway sees it; firstTry
+// is the first replica's failure when it was retried ("" when not).
+func (g *gateway) get(path, token string) (a answer, firstTry string) {
 	first := g.pick("")
 	if first == "" {
-		return answer{code: http.StatusBadGateway, err: fmt.Errorf("no replica in rotation")}, false
+		return answer{code: http.StatusBadGateway, err: fmt.Errorf("no replica in rotation")}, ""
 	}
 	a = fetch(g.client, http.MethodGet, first+path, token, "")
-	if a.err == nil && a.code != http.StatusServiceUnavailable {
-		return a, false
+	switch {
+	case a.err != nil:
+		firstTry = "connection error"
+	case a.code == http.StatusServiceUnavailable:
+		firstTry = "503"
+	default:
+		return a, ""
 	}
 	second := g.pick(first)
 	if second == "" {
-		return a, true
+		return a, firstTry
 	}
-	return fetch(g.client, http.MethodGet, second+path, token, ""), true
+	return fetch(g.client, http.MethodGet, second+path, token, ""), firstTry
 }
 
 // loadTally is what the clients behind the gateway saw.
 type loadTally struct {
-	requests, retried, failed, non2xx, wrong atomic.Int64
+	requests, failed, non2xx, wrong atomic.Int64
 
 	mu            sync.Mutex
+	retried       map[string]int // by the first replica's failure
 	latencies     durations
 	firstProblems []string
 }
@@ -350,7 +392,7 @@ func (p *replicaPair) pageLoad(t *testing.T, g *gateway, base string, workers in
 	for i, path := range paths {
 		want[i] = mustFetch(t, opsClient, base+path, p.tokens[users[i]]).body
 	}
-	l := &loadTally{}
+	l := &loadTally{retried: map[string]int{}}
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Add(1)
@@ -367,11 +409,13 @@ func (p *replicaPair) pageLoad(t *testing.T, g *gateway, base string, workers in
 				}
 				i := rng.IntN(len(paths))
 				start := time.Now()
-				a, again := g.get(paths[i], p.tokens[users[i]])
+				a, firstTry := g.get(paths[i], p.tokens[users[i]])
 				mine = append(mine, time.Since(start))
 				l.requests.Add(1)
-				if again {
-					l.retried.Add(1)
+				if firstTry != "" {
+					l.mu.Lock()
+					l.retried[firstTry]++
+					l.mu.Unlock()
 				}
 				switch {
 				case a.err != nil:
@@ -406,6 +450,8 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 			env["SHUTDOWN_TIMEOUT"] = "5s"
 			g := newGateway(t, tc.probes)
 			start := func() *binaryService {
+				// Each replica its own port (LISTEN_ADDR refuses port 0).
+				env["LISTEN_ADDR"] = freeListenAddr()
 				b := startBinary(t, env)
 				waitFor(t, 15*time.Second, "a new replica's readiness", func() bool {
 					return fetch(freshConnClient, http.MethodGet, b.base+"/readyz", "", "").code == http.StatusOK
@@ -449,9 +495,9 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 			elapsed := time.Since(loadStart)
 
 			n := load.requests.Load()
-			t.Logf("rolling restart of 2 replicas (SHUTDOWN_DELAY %s, gateway probes readiness: %t), %d workers for %s: %d requests (%.0f/s), %d retried once on the other replica, %d failed, %d non-2xx, %d wrong bodies; latency %s; SIGTERM -> exit 0: %s",
+			t.Logf("rolling restart of 2 replicas (SHUTDOWN_DELAY %s, gateway probes readiness: %t), %d workers for %s: %d requests (%.0f/s), retried once on the other replica after %v, %d failed, %d non-2xx, %d wrong bodies; latency %s; SIGTERM -> exit 0: %s",
 				tc.shutdownDelay, tc.probes, workers, elapsed.Round(time.Millisecond), n, float64(n)/elapsed.Seconds(),
-				load.retried.Load(), load.failed.Load(), load.non2xx.Load(), load.wrong.Load(), load.latencies, strings.Join(exits, ", "))
+				load.retried, load.failed.Load(), load.non2xx.Load(), load.wrong.Load(), load.latencies, strings.Join(exits, ", "))
 			if load.failed.Load() != 0 || load.non2xx.Load() != 0 || load.wrong.Load() != 0 {
 				t.Errorf("a rolling restart lost requests: %d failed, %d non-2xx, %d wrong; first: %q",
 					load.failed.Load(), load.non2xx.Load(), load.wrong.Load(), load.firstProblems)
