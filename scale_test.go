@@ -9,11 +9,13 @@ package main
 // tightly: timing targets live in benchmarks.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -160,10 +162,55 @@ func (d durations) String() string {
 func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationDelay(t *testing.T) {
 	p := newReplicaPair(t)
 	onPrimary := startRunReady(t, serviceEnv(p.primary.url, p.jwks))
-	onStandby := startRunReady(t, serviceEnv(p.standby.url, p.jwks))
+	standbyEnv := serviceEnv(p.standby.url, p.jwks)
+	standbyEnv["DATABASE_LISTEN_URL"] = p.primary.url
+	onStandby := startRunReady(t, standbyEnv)
 
 	t.Run("every page is byte for byte the primary's", func(t *testing.T) {
 		p.assertSamePages(t, onPrimary.base, onStandby.base)
+	})
+
+	t.Run("a record committed on the primary is pushed to a stream of the service on the standby exactly as the list then shows it", func(t *testing.T) {
+		ctx := context.Background()
+		writer, err := pgx.Connect(ctx, p.primary.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer writer.Close(ctx)
+		if _, err := writer.Exec(ctx, "SET synchronous_commit = on"); err != nil {
+			t.Fatal(err)
+		}
+		user, token := p.users[0], p.tokens[p.users[0]]
+		stream, _ := mustOpenStream(t, onStandby.base, token)
+		var lags durations
+		for range 20 {
+			sent := time.Now()
+			id := insertLive(t, writer, user)
+			ev, ok := stream.nextEvent(t, 10*time.Second)
+			if !ok || ev.event != "record" || eventID(t, ev) != id {
+				t.Fatalf("after inserting %d the stream sent %v (ok %v)", id, ev, ok)
+			}
+			lags = append(lags, ev.at.Sub(sent))
+			// The event was read on the LISTEN session (the primary), where
+			// the row is visible at once; the list shows the same bytes once
+			// the standby has it.
+			var listed string
+			waitFor(t, 10*time.Second, "the record in the list on the standby", func() bool {
+				a := mustFetch(t, opsClient, onStandby.base+"/3ds/my-records?page_size=1", token)
+				var page struct {
+					Data struct{ Records []json.RawMessage }
+				}
+				if json.Unmarshal(a.body, &page) != nil || len(page.Data.Records) == 0 {
+					return false
+				}
+				listed = string(page.Data.Records[0])
+				return strings.Contains(listed, fmt.Sprintf(`"id":%d,`, id))
+			})
+			if listed != ev.data {
+				t.Errorf("record %d: pushed %s, listed %s", id, ev.data, listed)
+			}
+		}
+		t.Logf("insert sent on the primary -> event received from the service on the standby (LISTEN on the primary): %s", lags)
 	})
 
 	// Commit on the primary → the record is the newest one the service on
@@ -434,8 +481,220 @@ func (p *replicaPair) pageLoad(t *testing.T, g *gateway, base string, workers in
 	return l, &wg
 }
 
-func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
+// streamClient is an app holding GET /3ds/my-records/events open through
+// the gateway, as a browser's EventSource does: on `event: end` or a closed
+// connection it waits the stream's `retry:` interval and connects again
+// (the gateway picks the replica, and retries a refused connection or a
+// 503 once on another), and it shows each record id once, deduplicating
+// across connections as the contract tells clients to. It runs on a
+// goroutine of its own, so it records problems instead of failing the test.
+type streamClient struct {
+	user  int64
+	token string
+	g     *gateway
+
+	mu         sync.Mutex
+	seen       map[int64]bool
+	connects   int            // streams that reached ready
+	refused    int            // connection attempts that got no stream (both tries)
+	ends       map[string]int // by reason; "eof" when the connection closed without one
+	dupOnConn  int            // an id sent twice on one connection: the contract forbids it
+	problems   []string
+	firstReady chan struct{}
+}
+
+func newStreamClient(g *gateway, user int64, token string) *streamClient {
+	return &streamClient{user: user, token: token, g: g, seen: map[int64]bool{}, ends: map[string]int{}, firstReady: make(chan struct{})}
+}
+
+func (c *streamClient) problem(format string, args ...any) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.problems) < 5 {
+		c.problems = append(c.problems, fmt.Sprintf(format, args...))
+	}
+}
+
+// run connects again and again until ctx ends.
+func (c *streamClient) run(ctx context.Context) {
+	retry := 2 * time.Second // the contract's retry line replaces it
+	for ctx.Err() == nil {
+		if r := c.session(ctx); r > 0 {
+			retry = r
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(retry):
+		}
+	}
+}
+
+// open asks the gateway for a stream: the next replica, then once another
+// on a connection error or a 503 (429 is this client's own fault).
+func (c *streamClient) open(ctx context.Context, client *http.Client) (*http.Response, error) {
+	try := func(base string) (*http.Response, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/3ds/my-records/events", nil)
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Authorization", "Bearer "+c.token)
+		resp, err := client.Do(req)
+		if err == nil && resp.StatusCode != http.StatusOK {
+			resp.Body.Close()
+			return nil, fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return resp, err
+	}
+	first := c.g.pick("")
+	if first == "" {
+		return nil, errors.New("no replica in rotation")
+	}
+	resp, err := try(first)
+	if err == nil || strings.Contains(err.Error(), "status 429") {
+		return resp, err
+	}
+	if second := c.g.pick(first); second != "" {
+		return try(second)
+	}
+	return nil, err
+}
+
+// session is one connection: it returns the retry interval the stream set.
+func (c *streamClient) session(ctx context.Context) time.Duration {
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.open(ctx, client)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.mu.Lock()
+			c.refused++
+			c.mu.Unlock()
+		}
+		return 250 * time.Millisecond
+	}
+	defer resp.Body.Close()
+	var (
+		retry     time.Duration
+		event, id string
+		onConn    = map[int64]bool{}
+		br        = bufio.NewReader(resp.Body)
+	)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			if ctx.Err() == nil {
+				c.mu.Lock()
+				c.ends["eof"]++
+				c.mu.Unlock()
+			}
+			return retry
+		}
+		line = strings.TrimSuffix(line, "\n")
+		field, value, _ := strings.Cut(line, ":")
+		value = strings.TrimPrefix(value, " ")
+		switch {
+		case line == "":
+			event, id = "", ""
+		case field == "retry":
+			if ms, err := strconv.Atoi(value); err == nil {
+				retry = time.Duration(ms) * time.Millisecond
+			}
+		case field == "event":
+			event = value
+		case field == "id":
+			id = value
+		case field == "data" && event == "ready":
+			c.mu.Lock()
+			c.connects++
+			if c.connects == 1 {
+				close(c.firstReady)
+			}
+			c.mu.Unlock()
+		case field == "data" && event == "end":
+			var end struct{ Reason string }
+			_ = json.Unmarshal([]byte(value), &end)
+			c.mu.Lock()
+			c.ends[end.Reason]++
+			c.mu.Unlock()
+			_, _ = io.Copy(io.Discard, br) // the server closes after end
+			return retry
+		case field == "data" && event == "record":
+			n, err := strconv.ParseInt(id, 10, 64)
+			var rec struct {
+				ID       int64  `json:"id"`
+				Passcode string `json:"passcode"`
+			}
+			if err != nil || json.Unmarshal([]byte(value), &rec) != nil || rec.ID != n || rec.Passcode == "" {
+				c.problem("record event id %q data %q", id, value)
+				continue
+			}
+			c.mu.Lock()
+			if onConn[n] {
+				c.dupOnConn++
+			}
+			onConn[n] = true
+			c.seen[n] = true
+			c.mu.Unlock()
+		}
+	}
+}
+
+// missing is what of want the client has not shown, and foreign what it
+// showed that is not in own (every record of its user still live).
+func (c *streamClient) missing(want, own map[int64]bool) (missing, foreign []int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id := range want {
+		if !c.seen[id] {
+			missing = append(missing, id)
+		}
+	}
+	for id := range c.seen {
+		if !own[id] {
+			foreign = append(foreign, id)
+		}
+	}
+	slices.Sort(missing)
+	slices.Sort(foreign)
+	return missing, foreign
+}
+
+// writeLive inserts a live record for users in turn on the primary, one
+// transaction each, until stop is closed, and returns the ids by user.
+func writeLive(primaryURL string, users []int64, every time.Duration, stop <-chan struct{}) (written map[int64]map[int64]bool, err error) {
+	ctx := context.Background()
+	writer, err := pgx.Connect(ctx, primaryURL)
+	if err != nil {
+		return nil, err
+	}
+	defer writer.Close(ctx)
+	written = map[int64]map[int64]bool{}
+	for i := 0; ; i++ {
+		select {
+		case <-stop:
+			return written, nil
+		default:
+		}
+		user := users[i%len(users)]
+		var id int64
+		err := writer.QueryRow(ctx, `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
+VALUES ($1, '135790', 7, 'EUR', 'Rolling', 300, clock_timestamp()) RETURNING id`, user).Scan(&id)
+		if err != nil {
+			return written, fmt.Errorf("insert on the primary: %w", err)
+		}
+		if written[user] == nil {
+			written[user] = map[int64]bool{}
+		}
+		written[user][id] = true
+		time.Sleep(every)
+	}
+}
+
+func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequestAndNoPushedRecord(t *testing.T) {
 	p := newReplicaPair(t)
+	// Records of an earlier case are still live, so a later case's
+	// snapshots carry them: they are the user's own, not another's.
+	everWritten := map[int64]map[int64]bool{}
 	for _, tc := range []struct {
 		name          string
 		probes        bool
@@ -446,6 +705,7 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			env := serviceEnv(p.standby.url, p.jwks)
+			env["DATABASE_LISTEN_URL"] = p.primary.url
 			env["SHUTDOWN_DELAY"] = tc.shutdownDelay
 			env["SHUTDOWN_TIMEOUT"] = "5s"
 			g := newGateway(t, tc.probes)
@@ -462,9 +722,40 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 			}
 			replicas := []*binaryService{start(), start()}
 
+			// Streams of users the page load does not read, so the records
+			// written for them leave the checked pages as they were.
+			streamUsers := []int64{301, 302, 303, 304, 305}
+			ctx, cancelClients := context.WithCancel(context.Background())
+			var clientsDone sync.WaitGroup
+			defer func() { cancelClients(); clientsDone.Wait() }()
+			var clients []*streamClient
+			for _, u := range streamUsers {
+				token := p.key.token(t, validClaims(u))
+				for range 2 {
+					c := newStreamClient(g, u, token)
+					clients = append(clients, c)
+					clientsDone.Add(1)
+					go func() { defer clientsDone.Done(); c.run(ctx) }()
+				}
+			}
+			for _, c := range clients {
+				select {
+				case <-c.firstReady:
+				case <-time.After(15 * time.Second):
+					t.Fatalf("user %d's stream was not ready within 15s: %q", c.user, c.problems)
+				}
+			}
+
 			const workers = 8
 			stop := make(chan struct{})
 			load, wg := p.pageLoad(t, g, replicas[0].base, workers, stop)
+			var written map[int64]map[int64]bool
+			var writeErr error
+			writerDone := make(chan struct{})
+			go func() {
+				defer close(writerDone)
+				written, writeErr = writeLive(p.primary.url, streamUsers, 25*time.Millisecond, stop)
+			}()
 
 			// A rolling update with one surge replica: the new process is
 			// in rotation before the old one gets SIGTERM, one at a time.
@@ -493,6 +784,63 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequest(t *testing.T) {
 			close(stop)
 			wg.Wait()
 			elapsed := time.Since(loadStart)
+			<-writerDone
+			if writeErr != nil {
+				t.Fatal(writeErr)
+			}
+			for u, ids := range written {
+				if everWritten[u] == nil {
+					everWritten[u] = map[int64]bool{}
+				}
+				for id := range ids {
+					everWritten[u][id] = true
+				}
+			}
+
+			// Every record committed, during the switches too, reaches every
+			// stream client of its user: live, or in the snapshot of the
+			// reconnect.
+			caughtUp := time.Now()
+			var records int
+			for _, ids := range written {
+				records += len(ids)
+			}
+			for _, c := range clients {
+				var missing, foreign []int64
+				deadline := time.Now().Add(20 * time.Second)
+				for {
+					if missing, foreign = c.missing(written[c.user], everWritten[c.user]); len(missing) == 0 || time.Now().After(deadline) {
+						break
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				if len(missing) != 0 || len(foreign) != 0 {
+					t.Errorf("user %d's stream client: %d of %d records missing %v, %d of another user %v", c.user, len(missing), len(written[c.user]), missing, len(foreign), foreign)
+				}
+			}
+			caughtUpIn := time.Since(caughtUp)
+			cancelClients()
+			clientsDone.Wait()
+			ends, connects, refused, dups := map[string]int{}, 0, 0, 0
+			for _, c := range clients {
+				for r, n := range c.ends {
+					ends[r] += n
+				}
+				connects += c.connects
+				refused += c.refused
+				dups += c.dupOnConn
+				if len(c.problems) != 0 {
+					t.Errorf("user %d's stream client: %q", c.user, c.problems)
+				}
+			}
+			t.Logf("%d streams: %d records written, all shown by every client of their user; %d connections reached ready (%d reconnects), %d attempts refused on both tries, ends %v; the last records arrived %s after the writer stopped",
+				len(clients), records, connects, connects-len(clients), refused, ends, caughtUpIn.Round(time.Millisecond))
+			if dups != 0 {
+				t.Errorf("%d records were sent twice on one connection", dups)
+			}
+			if ends["shutting_down"] == 0 {
+				t.Error("no stream ended with shutting_down: the restart did not exercise the streams")
+			}
 
 			n := load.requests.Load()
 			t.Logf("rolling restart of 2 replicas (SHUTDOWN_DELAY %s, gateway probes readiness: %t), %d workers for %s: %d requests (%.0f/s), retried once on the other replica after %v, %d failed, %d non-2xx, %d wrong bodies; latency %s; SIGTERM -> exit 0: %s",
@@ -608,6 +956,23 @@ func TestStandbyBehindPgBouncerServesTheSamePagesAndTheStartLogNamesIt(t *testin
 	if got, want := fmt.Sprint(listening["database"]), hostPort(t, bouncer); !strings.Contains(got, want) {
 		t.Errorf("the start log's database = %q, want the pooler at %s", got, want)
 	}
+	if got, want := fmt.Sprint(listening["listen_database"]), hostPort(t, p.primary.url); !strings.Contains(got, want) {
+		t.Errorf("the start log's listen_database = %q, want the primary at %s", got, want)
+	}
+
+	t.Run("a stream of this service gets a new record: its LISTEN session is direct on the primary", func(t *testing.T) {
+		user := p.users[1]
+		stream, _ := mustOpenStream(t, svc.base, p.tokens[user])
+		writer, err := pgx.Connect(context.Background(), p.primary.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer writer.Close(context.Background())
+		id := insertLive(t, writer, user)
+		if ev, ok := stream.nextEvent(t, 10*time.Second); !ok || ev.event != "record" || eventID(t, ev) != id {
+			t.Fatalf("after inserting %d the stream sent %v (ok %v)", id, ev, ok)
+		}
+	})
 
 	t.Run("what a page costs PgBouncer and the server behind it, against a direct pool (measured, not asserted)", func(t *testing.T) {
 		bouncerPID, err1 := pidFromFile(filepath.Join(bouncerDir, "pgbouncer.pid"))
