@@ -496,7 +496,7 @@ type streamClient struct {
 	mu         sync.Mutex
 	seen       map[int64]bool
 	connects   int            // streams that reached ready
-	refused    int            // connection attempts that got no stream (both tries)
+	refused    map[string]int // opens that got no stream on either try, by what the two tries got
 	ends       map[string]int // by reason; "eof" when the connection closed without one
 	dupOnConn  int            // an id sent twice on one connection: the contract forbids it
 	problems   []string
@@ -504,7 +504,7 @@ type streamClient struct {
 }
 
 func newStreamClient(g *gateway, user int64, token string) *streamClient {
-	return &streamClient{user: user, token: token, g: g, seen: map[int64]bool{}, ends: map[string]int{}, firstReady: make(chan struct{})}
+	return &streamClient{user: user, token: token, g: g, seen: map[int64]bool{}, ends: map[string]int{}, refused: map[string]int{}, firstReady: make(chan struct{})}
 }
 
 func (c *streamClient) problem(format string, args ...any) {
@@ -539,11 +539,17 @@ func (c *streamClient) open(ctx context.Context, client *http.Client) (*http.Res
 		}
 		req.Header.Set("Authorization", "Bearer "+c.token)
 		resp, err := client.Do(req)
-		if err == nil && resp.StatusCode != http.StatusOK {
-			resp.Body.Close()
-			return nil, fmt.Errorf("status %d", resp.StatusCode)
+		if err != nil {
+			return nil, errors.New("connection error")
 		}
-		return resp, err
+		if resp.StatusCode != http.StatusOK {
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			var e struct{ Details string }
+			_ = json.Unmarshal(body, &e)
+			return nil, fmt.Errorf("status %d (%s)", resp.StatusCode, e.Details)
+		}
+		return resp, nil
 	}
 	first := c.g.pick("")
 	if first == "" {
@@ -554,7 +560,11 @@ func (c *streamClient) open(ctx context.Context, client *http.Client) (*http.Res
 		return resp, err
 	}
 	if second := c.g.pick(first); second != "" {
-		return try(second)
+		resp, err2 := try(second)
+		if err2 != nil {
+			return nil, fmt.Errorf("%v, then %v", err, err2)
+		}
+		return resp, nil
 	}
 	return nil, err
 }
@@ -566,7 +576,7 @@ func (c *streamClient) session(ctx context.Context) time.Duration {
 	if err != nil {
 		if ctx.Err() == nil {
 			c.mu.Lock()
-			c.refused++
+			c.refused[err.Error()]++
 			c.mu.Unlock()
 		}
 		return 250 * time.Millisecond
@@ -821,19 +831,21 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequestAndNoPushedRecord(t 
 			caughtUpIn := time.Since(caughtUp)
 			cancelClients()
 			clientsDone.Wait()
-			ends, connects, refused, dups := map[string]int{}, 0, 0, 0
+			ends, refused, connects, dups := map[string]int{}, map[string]int{}, 0, 0
 			for _, c := range clients {
 				for r, n := range c.ends {
 					ends[r] += n
 				}
 				connects += c.connects
-				refused += c.refused
+				for r, n := range c.refused {
+					refused[r] += n
+				}
 				dups += c.dupOnConn
 				if len(c.problems) != 0 {
 					t.Errorf("user %d's stream client: %q", c.user, c.problems)
 				}
 			}
-			t.Logf("%d streams: %d records written, all shown by every client of their user; %d connections reached ready (%d reconnects), %d attempts refused on both tries, ends %v; the last records arrived %s after the writer stopped",
+			t.Logf("%d streams: %d records written, all shown by every client of their user; %d connections reached ready (%d reconnects), opens refused on both tries %v, ends %v; the last records arrived %s after the writer stopped",
 				len(clients), records, connects, connects-len(clients), refused, ends, caughtUpIn.Round(time.Millisecond))
 			if dups != 0 {
 				t.Errorf("%d records were sent twice on one connection", dups)
