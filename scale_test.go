@@ -869,32 +869,6 @@ func TestRollingRestartOfTwoReplicasOnAStandbyLosesNoRequestAndNoPushedRecord(t 
 	}
 }
 
-// startPgBouncerOn starts scripts/pgbouncer.sh (transaction mode) in front
-// of upstream and returns its URL and directory. startPgBouncer in
-// pgbouncer_test.go always fronts DATABASE_URL; here the upstream is a
-// test's own standby.
-func startPgBouncerOn(t *testing.T, upstream string) (url, dir string) {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "threeds-bouncer-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command("bash", "scripts/pgbouncer.sh", "start", dir, upstream)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	t.Cleanup(func() {
-		if out, err := exec.Command("bash", "scripts/pgbouncer.sh", "stop", dir).CombinedOutput(); err != nil {
-			t.Errorf("scripts/pgbouncer.sh stop: %v\n%s", err, out)
-		}
-		_ = os.RemoveAll(dir)
-	})
-	if err != nil {
-		t.Fatalf("scripts/pgbouncer.sh start: %v\n%s", err, stderr.String())
-	}
-	return strings.TrimSpace(string(out)), dir
-}
-
 // hostPort is the host:port of a postgres:// URL.
 func hostPort(t testing.TB, dsn string) string {
 	t.Helper()
