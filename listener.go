@@ -796,15 +796,7 @@ func (h *hub) read(ctx context.Context, conn *pgx.Conn, w work) error {
 			rows.Close()
 			return fmt.Errorf("read records: %w", err)
 		}
-		rec := Record{
-			ID:           id,
-			Passcode:     passcode,
-			Amount:       formatAmount(amount, currency),
-			Currency:     strings.ToUpper(currency),
-			MerchantName: merchant,
-			ExpiresAfter: expiresAfter,
-			ReceivedAt:   formatReceivedAt(receivedAt),
-		}
+		rec := newRecord(id, passcode, amount, currency, merchant, expiresAfter, receivedAt)
 		byUser[userID] = append(byUser[userID], &frame{
 			id: id, expires: expiresAt.Unix(), notified: w.notified[id], data: recordFrame(&rec),
 		})

@@ -112,20 +112,26 @@ func (s *Store) queryPage(ctx context.Context, dst []Record, userID, limit, offs
 		if err := rows.Scan(&id, &passcode, &amount, &currency, &merchant, &expiresAfter, &receivedAt, &total); err != nil {
 			return nil, 0, err
 		}
-		dst = append(dst, Record{
-			ID:           id,
-			Passcode:     passcode,
-			Amount:       formatAmount(amount, currency),
-			Currency:     strings.ToUpper(currency),
-			MerchantName: merchant,
-			ExpiresAfter: expiresAfter,
-			ReceivedAt:   formatReceivedAt(receivedAt),
-		})
+		dst = append(dst, newRecord(id, passcode, amount, currency, merchant, expiresAfter, receivedAt))
 	}
 	if err := rows.Err(); err != nil {
 		return nil, 0, err
 	}
 	return dst, total, nil
+}
+
+// newRecord formats one row's columns for the API: the list page and the
+// event stream show a record the same way.
+func newRecord(id int64, passcode, amount, currency, merchant string, expiresAfter int64, receivedAt time.Time) Record {
+	return Record{
+		ID:           id,
+		Passcode:     passcode,
+		Amount:       formatAmount(amount, currency),
+		Currency:     strings.ToUpper(currency),
+		MerchantName: merchant,
+		ExpiresAfter: expiresAfter,
+		ReceivedAt:   formatReceivedAt(receivedAt),
+	}
 }
 
 // pageOffset computes (page-1)*pageSize in int64 so that page 2147483647 works
