@@ -158,7 +158,7 @@ SELECT 1001, lpad(n::text, 6, '0'), n * 1.25, 'USD', 'Merchant ' || n, 300, time
 	}
 	key := newTestKey(b, jwa.RS256, "stack", 0)
 	v := newTestVerifier(b, testAuthConfig(newJWKSServer(b, key.publicJWK(b, false)).URL))
-	srv := newServer(store, v, discardLogger())
+	srv := newServer(store, v, nil, discardLogger())
 	auth := "Bearer " + key.token(b, validClaims("1001"))
 	for _, page := range []string{"1", "3"} {
 		b.Run("page"+page, func(b *testing.B) {

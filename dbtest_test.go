@@ -197,8 +197,66 @@ func (c *testCluster) start() {
 	}
 }
 
-// pg runs scripts/pg.sh CMD on the cluster's directory, bounded in time.
-func (c *testCluster) pg(cmd string) (string, error) {
+// startStandby makes a hot standby of primary (scripts/pg.sh standby:
+// pg_basebackup -R, its own port) and stops and removes it on cleanup,
+// before the primary's cleanup runs. Its url is read-only; what was
+// committed on the primary shows up there after the replication delay
+// (waitForReplay waits for it).
+func startStandby(t testing.TB, primary *testCluster) *testCluster {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "threeds-standby-")
+	if err != nil {
+		t.Fatalf("standby directory: %v", err)
+	}
+	c := &testCluster{t: t, dir: dir}
+	t.Cleanup(func() {
+		if _, err := c.pg("stop"); err != nil {
+			t.Errorf("stop test standby: %v", err)
+		}
+		_ = os.RemoveAll(dir)
+	})
+	out, err := c.pg("standby", primary.dir)
+	if err != nil {
+		t.Fatalf("start test standby: %v", err)
+	}
+	c.url = strings.TrimSpace(out)
+	return c
+}
+
+// waitForReplay waits until the standby has replayed everything the primary
+// had written when it was called, so a test can start from the same data
+// on both.
+func waitForReplay(t testing.TB, primaryURL, standbyURL string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	primary, err := pgx.Connect(ctx, primaryURL)
+	if err != nil {
+		t.Fatalf("connect to the primary: %v", err)
+	}
+	defer primary.Close(ctx)
+	standby, err := pgx.Connect(ctx, standbyURL)
+	if err != nil {
+		t.Fatalf("connect to the standby: %v", err)
+	}
+	defer standby.Close(ctx)
+	var lsn string
+	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+		t.Fatalf("primary WAL position: %v", err)
+	}
+	waitFor(t, 30*time.Second, "the standby to replay up to "+lsn, func() bool {
+		var done bool
+		err := standby.QueryRow(ctx, "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn).Scan(&done)
+		if err != nil {
+			t.Fatalf("standby replay position: %v", err)
+		}
+		return done
+	})
+}
+
+// pg runs scripts/pg.sh CMD on the cluster's directory (then args), bounded
+// in time.
+func (c *testCluster) pg(cmd string, args ...string) (string, error) {
 	script := os.Getenv("PG_SCRIPT") // exported by scripts/with-postgres.sh
 	if script == "" {
 		script = filepath.Join("scripts", "pg.sh") // go test runs in the package directory
@@ -206,7 +264,7 @@ func (c *testCluster) pg(cmd string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
-	run := exec.CommandContext(ctx, "bash", script, cmd, c.dir)
+	run := exec.CommandContext(ctx, "bash", append([]string{script, cmd, c.dir}, args...)...)
 	run.Stdout, run.Stderr = &stdout, &stderr
 	run.WaitDelay = 10 * time.Second
 	if err := run.Run(); err != nil {

@@ -32,6 +32,7 @@ type server struct {
 	mux      *http.ServeMux
 	store    *Store
 	verifier *Verifier
+	hub      *hub // live updates; nil answers the event stream with 503
 	logger   *slog.Logger
 	access   *slog.Logger // the access log: buffered, see accesslog.go
 	metrics  *metrics
@@ -41,17 +42,21 @@ type server struct {
 }
 
 // newServer registers every route in one place.
-func newServer(store *Store, verifier *Verifier, logger *slog.Logger, opts ...serverOption) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, logger: logger,
+func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, opts ...serverOption) *server {
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, hub: hub, logger: logger,
 		access: slog.New(accessHandler(logger)), limit: newInFlightLimit(defaultMaxInFlight)}
 	for _, o := range opts {
 		o(s)
 	}
 	s.metrics = newMetrics(store, verifier)
 	s.metrics.limit = s.limit
+	s.metrics.hub = hub
 	// The limit comes first so that a shed request costs no token check;
 	// only the API routes get it (see inFlightLimit.wrap).
 	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
+	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
+	// their own (STREAMS_MAX, STREAMS_PER_USER).
+	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)

@@ -37,7 +37,7 @@ func newTestService(t testing.TB) *testService {
 	store, pool := newTestStore(t)
 	key := newTestKey(t, jwa.ES256, "svc", 0)
 	v := newTestVerifier(t, testAuthConfig(newJWKSServer(t, key.publicJWK(t, false)).URL))
-	srv := newServer(store, v, discardLogger())
+	srv := newServer(store, v, nil, discardLogger())
 	ts := httptest.NewServer(srv)
 	t.Cleanup(ts.Close)
 	return &testService{Server: ts, pool: pool, key: key, srv: srv}
@@ -349,7 +349,7 @@ func TestADatabaseFailureIsAnOpaque500(t *testing.T) {
 	pool := newTestPool(t, "postgres://postgres@127.0.0.1:1/none?sslmode=disable&connect_timeout=1", nil)
 	key := newTestKey(t, jwa.ES256, "svc", 0)
 	v := newTestVerifier(t, testAuthConfig(newJWKSServer(t, key.publicJWK(t, false)).URL))
-	ts := httptest.NewServer(newServer(NewStore(pool, time.Second), v, discardLogger()))
+	ts := httptest.NewServer(newServer(NewStore(pool, time.Second), v, nil, discardLogger()))
 	t.Cleanup(ts.Close)
 	svc := &testService{Server: ts, key: key}
 
@@ -428,7 +428,7 @@ func TestReadinessStaysUpWhileEveryConnectionIsBusy(t *testing.T) {
 	pool := newTestPool(t, dsn, func(c *pgxpool.Config) { c.MaxConns = 1 })
 	key := newTestKey(t, jwa.ES256, "svc", 0)
 	v := newTestVerifier(t, testAuthConfig(newJWKSServer(t, key.publicJWK(t, false)).URL))
-	ts := httptest.NewServer(newServer(NewStore(pool, 10*time.Second), v, discardLogger()))
+	ts := httptest.NewServer(newServer(NewStore(pool, 10*time.Second), v, nil, discardLogger()))
 	t.Cleanup(ts.Close)
 	svc := &testService{Server: ts, key: key, pool: pool}
 

@@ -19,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -60,6 +61,13 @@ type config struct {
 	queryTimeout    time.Duration
 	logLevel        slog.Level
 	maxInFlight     int
+
+	// The event stream (contract section 6): the LISTEN session's target
+	// and the limits.
+	listenConfig    *pgx.ConnConfig
+	streamsMax      int
+	streamsPerUser  int
+	streamHeartbeat time.Duration
 }
 
 // loadConfig reads every variable of the contract. migrateOnly asks for the
@@ -168,7 +176,69 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	if c.maxInFlight, err = maxInFlightVar(getenv); err != nil {
 		return nil, err
 	}
+	if err := loadStreamConfig(getenv, c); err != nil {
+		return nil, err
+	}
 	return c, nil
+}
+
+// loadStreamConfig reads the event stream's variables. DATABASE_LISTEN_URL
+// defaults to DATABASE_URL's settings, under an application_name of its own
+// so the LISTEN session is told apart from the query pool in
+// pg_stat_activity.
+func loadStreamConfig(getenv func(string) string, c *config) error {
+	if raw := getenv("DATABASE_LISTEN_URL"); raw != "" {
+		cc, err := pgx.ParseConfig(raw)
+		if err != nil {
+			// The parse error may quote the URL, password included.
+			return &configError{"DATABASE_LISTEN_URL", "is not a valid PostgreSQL connection string or URL"}
+		}
+		rp := cc.RuntimeParams
+		if _, set := rp["statement_timeout"]; !set {
+			rp["statement_timeout"] = strconv.FormatInt(c.queryTimeout.Milliseconds(), 10)
+		}
+		if _, set := rp["application_name"]; !set {
+			rp["application_name"] = "threeds-records-listen"
+		}
+		if cc.ConnectTimeout == 0 {
+			cc.ConnectTimeout = defaultConnectTimeout
+		}
+		c.listenConfig = cc
+	} else {
+		c.listenConfig = c.poolConfig.ConnConfig.Copy()
+		if c.listenConfig.RuntimeParams["application_name"] == "threeds-records" {
+			c.listenConfig.RuntimeParams["application_name"] = "threeds-records-listen"
+		}
+	}
+	var err error
+	if c.streamsMax, err = intVar(getenv, "STREAMS_MAX", 10000, 1, 1_000_000); err != nil {
+		return err
+	}
+	if c.streamsPerUser, err = intVar(getenv, "STREAMS_PER_USER", 5, 1, 1000); err != nil {
+		return err
+	}
+	if c.streamHeartbeat, err = durationVar(getenv, "STREAM_HEARTBEAT", 15*time.Second); err != nil {
+		return err
+	}
+	if c.streamHeartbeat > 5*time.Minute {
+		// Gateways and load balancers close connections idle for about a
+		// minute; a longer silence defeats the heartbeat's purpose.
+		return &configError{"STREAM_HEARTBEAT", "must be at most 5m (gateways close idle connections after about 60s)"}
+	}
+	return nil
+}
+
+// intVar reads a decimal integer in lo..hi.
+func intVar(getenv func(string) string, name string, def, lo, hi int) (int, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < lo || n > hi {
+		return 0, &configError{name, fmt.Sprintf("%q is not an integer from %d to %d", s, lo, hi)}
+	}
+	return n, nil
 }
 
 // defaultConnectTimeout applies when DATABASE_URL has no connect_timeout.
@@ -222,10 +292,7 @@ func logLevelVar(getenv func(string) string) (slog.Level, error) {
 }
 
 // redactedURL is DATABASE_URL fit for a log line.
-func redactedURL(pc *pgxpool.Config) string {
-	cc := pc.ConnConfig
-	return fmt.Sprintf("postgres://%s:xxxxx@%s/%s", cc.User, net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port))), cc.Database)
-}
+func redactedURL(pc *pgxpool.Config) string { return redactedConnURL(pc.ConnConfig) }
 
 // redactedJWKSURL hides credentials an operator may have put in JWKS_URL
 // (user:password@ or a query-string key), keeping the host for debugging.
@@ -277,7 +344,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) error {
 	verifier := NewVerifier(cfg.auth, logger)
 	defer verifier.Close()
-	srv := newServer(store, verifier, logger, withMaxInFlight(cfg.maxInFlight))
+	hub := newHub(hubConfig{
+		conn:         cfg.listenConfig,
+		maxStreams:   cfg.streamsMax,
+		perUser:      cfg.streamsPerUser,
+		heartbeat:    cfg.streamHeartbeat,
+		queryTimeout: cfg.queryTimeout,
+	}, logger)
+	hub.start()
+	defer hub.shutdown()
+	srv := newServer(store, verifier, hub, logger, withMaxInFlight(cfg.maxInFlight))
 
 	ln, err := net.Listen("tcp", cfg.listenAddr)
 	if err != nil {
@@ -299,6 +375,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	logger.Info("listening",
 		"addr", ln.Addr().String(),
 		"database", redactedURL(cfg.poolConfig),
+		"listen_database", redactedConnURL(cfg.listenConfig),
 		"keys", keys,
 		"issuer", cfg.auth.issuer,
 		"audience", cfg.auth.audience,
@@ -311,6 +388,9 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"max_in_flight", cfg.maxInFlight,
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
 		"shutdown_delay", cfg.shutdownDelay.String(),
+		"streams_max", cfg.streamsMax,
+		"streams_per_user", cfg.streamsPerUser,
+		"stream_heartbeat", cfg.streamHeartbeat.String(),
 		"log_level", cfg.logLevel.String(),
 	)
 
@@ -323,20 +403,24 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	case <-ctx.Done():
 	}
 
-	return shutdown(cfg, httpServer, srv, store, verifier, logger)
+	return shutdown(cfg, httpServer, srv, store, verifier, hub, logger)
 }
 
 // shutdown runs the SIGTERM sequence. Readiness turns 503 first so the load
 // balancer stops sending; then in-flight requests drain. Serve returns at
 // once on Shutdown, so it is Shutdown's return that says the handlers are
 // done, and only then may the pool close under them.
-func shutdown(cfg *config, httpServer *http.Server, srv *server, store *Store, verifier *Verifier, logger *slog.Logger) error {
+func shutdown(cfg *config, httpServer *http.Server, srv *server, store *Store, verifier *Verifier, hub *hub, logger *slog.Logger) error {
 	// One deadline for the whole sequence, delay included: SHUTDOWN_TIMEOUT
 	// is the longest SIGTERM-to-exit takes, which is what the grace period
 	// of the orchestrator has to cover.
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	srv.draining.Store(true)
+	// Event streams end now, before the delay and the drain: their clients
+	// reconnect to another replica at once, and Shutdown does not wait on
+	// them. New streams are refused from here on.
+	hub.shutdown()
 	logger.Info("shutting down", "delay", cfg.shutdownDelay.String(), "timeout", cfg.shutdownTimeout.String())
 	if cfg.shutdownDelay > 0 {
 		// Without a preStop hook, this is the window in which endpoints

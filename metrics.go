@@ -18,6 +18,7 @@ type metrics struct {
 	store    *Store
 	verifier *Verifier
 	limit    *inFlightLimit // MAX_IN_FLIGHT of the API routes
+	hub      *hub           // nil: the stream families are exposed at zero
 
 	mu       sync.Mutex
 	requests map[routeCode]*atomic.Int64
@@ -162,9 +163,66 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_empty_acquire_total Acquisitions that had to wait for a connection.\n# TYPE threeds_db_pool_empty_acquire_total counter\nthreeds_db_pool_empty_acquire_total %d\n", st.EmptyAcquireCount())
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_canceled_acquire_total Acquisitions given up at their deadline (pool exhausted or database unreachable).\n# TYPE threeds_db_pool_canceled_acquire_total counter\nthreeds_db_pool_canceled_acquire_total %d\n", st.CanceledAcquireCount())
 
+	writeStreamMetrics(&b, m.hub)
+
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
 	_, _ = w.Write([]byte(b.String()))
+}
+
+func (h *histogram) observe(d time.Duration) {
+	// The first bound >= the value: buckets are "less than or equal".
+	i, _ := slices.BinarySearch(latencyBuckets[:], d.Seconds())
+	h.counts[i].Add(1)
+	h.sumNs.Add(d.Nanoseconds())
+}
+
+// writeHistogram writes one histogram family member; labels is "" or
+// `name="value",`.
+func writeHistogram(b *strings.Builder, name, labels string, h *histogram) {
+	var cum int64
+	for i, le := range latencyBuckets {
+		cum += h.counts[i].Load()
+		fmt.Fprintf(b, "%s_bucket{%sle=\"%s\"} %d\n", name, labels, formatFloat(le), cum)
+	}
+	cum += h.counts[len(latencyBuckets)].Load()
+	fmt.Fprintf(b, "%s_bucket{%sle=\"+Inf\"} %d\n", name, labels, cum)
+	braces := ""
+	if labels != "" {
+		braces = "{" + strings.TrimSuffix(labels, ",") + "}"
+	}
+	fmt.Fprintf(b, "%s_sum%s %s\n", name, braces, formatFloat(float64(h.sumNs.Load())/1e9))
+	fmt.Fprintf(b, "%s_count%s %d\n", name, braces, cum)
+}
+
+// idleHub is never started: it stands in for a server without live updates,
+// so the families exist (at zero) on every instance.
+var idleHub = newHub(hubConfig{}, nil)
+
+// writeStreamMetrics exposes the event streams and the LISTEN session.
+func writeStreamMetrics(b *strings.Builder, h *hub) {
+	if h == nil {
+		h = idleHub
+	}
+	up := 0
+	if h.listening() {
+		up = 1
+	}
+	fmt.Fprintf(b, "# HELP threeds_streams_open Open event streams.\n# TYPE threeds_streams_open gauge\nthreeds_streams_open %d\n", h.openStreams())
+	b.WriteString("# HELP threeds_stream_events_total Events written to event streams, by type.\n# TYPE threeds_stream_events_total counter\n")
+	for i := range numEventTypes {
+		fmt.Fprintf(b, "threeds_stream_events_total{type=\"%s\"} %d\n", eventTypeNames[i], h.events[i].Load())
+	}
+	b.WriteString("# HELP threeds_stream_ends_total Event streams ended, by reason.\n# TYPE threeds_stream_ends_total counter\n")
+	for i := range numEndReasons {
+		fmt.Fprintf(b, "threeds_stream_ends_total{reason=\"%s\"} %d\n", i.String(), h.ends[i].Load())
+	}
+	b.WriteString("# HELP threeds_stream_notify_lag_seconds From a notification's arrival to its record being written and flushed on a stream.\n# TYPE threeds_stream_notify_lag_seconds histogram\n")
+	writeHistogram(b, "threeds_stream_notify_lag_seconds", "", &h.lag)
+	fmt.Fprintf(b, "# HELP threeds_listen_up 1 while the LISTEN session is up and proven to receive notifications.\n# TYPE threeds_listen_up gauge\nthreeds_listen_up %d\n", up)
+	fmt.Fprintf(b, "# HELP threeds_listen_reconnects_total LISTEN sessions re-established after one was lost.\n# TYPE threeds_listen_reconnects_total counter\nthreeds_listen_reconnects_total %d\n", h.reconnects.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session.\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_reads_total Record reads on the LISTEN session (snapshots, notification batches, resyncs); idle streams add none.\n# TYPE threeds_listen_reads_total counter\nthreeds_listen_reads_total %d\n", h.reads.Load())
 }
 
 // labelValue escapes a label value as the text format requires: backslash,

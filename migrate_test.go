@@ -351,16 +351,8 @@ func TestMigrateWithEverythingInPlaceDoesNotWaitForAnOpenWriterTransaction(t *te
 	// (and a row lock on its new row) until the test ends: the SHARE lock
 	// of CREATE INDEX IF NOT EXISTS would queue behind it, and every later
 	// insert behind that.
-	openTx, err := connectTest(t, dsn).Begin(ctx)
-	if err != nil {
-		t.Fatalf("begin the writer's transaction: %v", err)
-	}
+	openTx := openWriterTransaction(t, ctx, dsn)
 	defer openTx.Rollback(ctx)
-	if _, err := openTx.Exec(ctx, `
-INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
-VALUES (1, '111111', 1, 'USD', 300, now())`); err != nil {
-		t.Fatalf("insert in the open transaction: %v", err)
-	}
 
 	writer := startInserter(t, dsn)
 	watch := watchInsertLockWaits(t, dsn)
@@ -680,16 +672,8 @@ func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldin
 	if _, err := connectTest(t, dsn).Exec(ctx, pageIndexSQL); err != nil {
 		t.Fatalf("create the previous version's index: %v", err)
 	}
-	openTx, err := connectTest(t, dsn).Begin(ctx)
-	if err != nil {
-		t.Fatalf("begin the writer's transaction: %v", err)
-	}
+	openTx := openWriterTransaction(t, ctx, dsn)
 	defer openTx.Rollback(ctx)
-	if _, err := openTx.Exec(ctx, `
-INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
-VALUES (1, '111111', 1, 'USD', 300, now())`); err != nil {
-		t.Fatalf("insert in the open transaction: %v", err)
-	}
 
 	writer := startInserter(t, dsn)
 	watch := watchInsertLockWaits(t, dsn)
@@ -792,4 +776,22 @@ func TestMigrateSchemaParserRefusesAStepThatWouldStallTheWriter(t *testing.T) {
 			}
 		})
 	}
+}
+
+// openWriterTransaction begins a writer's transaction that has inserted a row
+// and stays open, holding ROW EXCLUSIVE on the table and a row lock, until
+// the caller rolls it back.
+func openWriterTransaction(t *testing.T, ctx context.Context, dsn string) pgx.Tx {
+	t.Helper()
+	tx, err := connectTest(t, dsn).Begin(ctx)
+	if err != nil {
+		t.Fatalf("begin the writer's transaction: %v", err)
+	}
+	if _, err := tx.Exec(ctx, `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
+VALUES (1, '111111', 1, 'USD', 300, now())`); err != nil {
+		_ = tx.Rollback(ctx)
+		t.Fatalf("insert in the open transaction: %v", err)
+	}
+	return tx
 }

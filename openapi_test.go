@@ -472,11 +472,75 @@ func TestDatabaseAndKeyFailuresMatchTheOpenAPIDocument(t *testing.T) {
 		{"no keys yet is a documented 503", noKeys, apiCall{method: "GET", target: "/3ds/my-records", token: key.token(t, validClaims("1001")), status: 503}},
 		{"readyz with the database down is a documented 503", withKeys, apiCall{method: "GET", target: "/readyz", status: 503}},
 	} {
-		ts := httptest.NewServer(newServer(deadStore, tc.verifier, discardLogger()))
+		ts := httptest.NewServer(newServer(deadStore, tc.verifier, nil, discardLogger()))
 		t.Cleanup(ts.Close)
 		tc.call.name = tc.name
 		checkCalls(t, doc, &testService{Server: ts}, []apiCall{tc.call})
 	}
+}
+
+// TestTheEventStreamMatchesTheOpenAPIDocument reads a real stream from its
+// retry line to the connection's close and checks it, its headers and every
+// record and end payload against the document; then the stream's refusals.
+func TestTheEventStreamMatchesTheOpenAPIDocument(t *testing.T) {
+	doc := loadAPIDoc(t)
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.perUser, c.heartbeat = 1, 200*time.Millisecond }})
+	odd := `Bob's <Café> & "Bar"`
+	insertRows(t, svc.pool,
+		seedRow{id: 1, userID: 1001, passcode: "012345", amount: "1.5", currency: "kwd", merchant: &odd, expiresAfter: 300, receivedAt: ago(time.Minute)},
+		liveRow(2, 1001))
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))
+	insertRows(t, svc.pool, liveRow(3, 1001))
+	s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 })
+	if ev, _ := s.next(t, 2*time.Second); ev.comment != "ping" {
+		t.Fatalf("want a ping, got %v", ev)
+	}
+
+	refusals := []apiCall{
+		{name: "no token is a documented 401", method: "GET", target: "/3ds/my-records/events", status: 401},
+		{name: "a second stream of the user is a documented 429", method: "GET", target: "/3ds/my-records/events", token: svc.tokenFor(t, 1001), status: 429},
+		{name: "POST is a documented 405", method: "POST", target: "/3ds/my-records/events", token: svc.tokenFor(t, 1001), status: 405},
+		{name: "HEAD carries the documented headers", method: "HEAD", target: "/3ds/my-records/events", token: svc.tokenFor(t, 1002), status: 200},
+	}
+	checkCalls(t, doc, svc.testService, refusals)
+
+	svc.hub.shutdown()
+	reason, _ := s.end(t, 5*time.Second)
+	if reason != "shutting_down" {
+		t.Fatalf("end reason %q", reason)
+	}
+	s.mu.Lock()
+	wire := s.wire.String()
+	s.mu.Unlock()
+	spec, err := doc.operationResponse("/3ds/my-records/events", "GET", 200)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range doc.checkResponse(spec, s.resp, []byte(wire)) {
+		t.Errorf("the stream: %s", e)
+	}
+	record, _ := doc.lookup("#/components/schemas/Record")
+	end, _ := doc.lookup("#/components/schemas/StreamEnd")
+	for _, block := range strings.Split(strings.TrimSuffix(wire, "\n\n"), "\n\n") {
+		schema := record
+		if strings.HasPrefix(block, "event: end\n") {
+			schema = end
+		} else if !strings.HasPrefix(block, "event: record\n") {
+			continue
+		}
+		_, data, _ := strings.Cut(block, "\ndata: ")
+		v, err := decodeJSONExact([]byte(data))
+		if err != nil {
+			t.Errorf("%q: %v", block, err)
+			continue
+		}
+		for _, e := range doc.validate(schema, v, "data") {
+			t.Errorf("%q: %s", block, e)
+		}
+	}
+	checkCalls(t, doc, svc.testService, []apiCall{
+		{name: "a stream during shutdown is a documented 503", method: "GET", target: "/3ds/my-records/events", token: svc.tokenFor(t, 1002), status: 503},
+	})
 }
 
 // TestTheValidatorCatchesDrift proves the check above can fail: a real 200

@@ -36,25 +36,39 @@ func startPgBouncer(t *testing.T, db string, extraEnv ...string) string {
 	if admin == "" {
 		t.Fatal("DATABASE_URL is not set: run `make test`")
 	}
-	dir := t.TempDir()
-	cmd := exec.Command("bash", "scripts/pgbouncer.sh", "start", dir, admin)
-	cmd.Env = append(append(os.Environ(), "PGBOUNCER_POOL_SIZE="+pgBouncerPoolSize), extraEnv...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("scripts/pgbouncer.sh start: %v\n%s", err, stderr.String())
-	}
-	t.Cleanup(func() {
-		if out, err := exec.Command("bash", "scripts/pgbouncer.sh", "stop", dir).CombinedOutput(); err != nil {
-			t.Errorf("scripts/pgbouncer.sh stop: %v\n%s", err, out)
-		}
-	})
-	u, err := withDatabase(strings.TrimSpace(string(out)), db)
+	bouncer, _ := startPgBouncerOn(t, admin, append([]string{"PGBOUNCER_POOL_SIZE=" + pgBouncerPoolSize}, extraEnv...)...)
+	u, err := withDatabase(bouncer, db)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return u
+}
+
+// startPgBouncerOn starts scripts/pgbouncer.sh in front of upstream (a test's
+// own cluster or standby) with extraEnv, and returns its URL and directory.
+// Not t.TempDir: the Unix socket lives in the directory, and socket paths
+// are limited to about 100 bytes.
+func startPgBouncerOn(t *testing.T, upstream string, extraEnv ...string) (url, dir string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "threeds-bouncer-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("bash", "scripts/pgbouncer.sh", "start", dir, upstream)
+	cmd.Env = append(os.Environ(), extraEnv...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	t.Cleanup(func() {
+		if out, err := exec.Command("bash", "scripts/pgbouncer.sh", "stop", dir).CombinedOutput(); err != nil {
+			t.Errorf("scripts/pgbouncer.sh stop: %v\n%s", err, out)
+		}
+		_ = os.RemoveAll(dir)
+	})
+	if err != nil {
+		t.Fatalf("scripts/pgbouncer.sh start: %v\n%s", err, stderr.String())
+	}
+	return strings.TrimSpace(string(out)), dir
 }
 
 func databaseName(t *testing.T, dsn string) string {

@@ -116,20 +116,26 @@ func (s *Store) queryPage(ctx context.Context, dst []Record, userID, limit, offs
 		if err := rows.Scan(dest...); err != nil {
 			return nil, 0, err
 		}
-		dst = append(dst, Record{
-			ID:           row.id,
-			Passcode:     row.passcode,
-			Amount:       formatAmount(row.amount, row.currency),
-			Currency:     strings.ToUpper(row.currency),
-			MerchantName: row.merchant,
-			ExpiresAfter: row.expiresAfter,
-			ReceivedAt:   formatReceivedAt(row.receivedAt),
-		})
+		dst = append(dst, newRecord(row.id, row.passcode, row.amount, row.currency, row.merchant, row.expiresAfter, row.receivedAt))
 	}
 	if err := rows.Err(); err != nil {
 		return nil, 0, err
 	}
 	return dst, row.total, nil
+}
+
+// newRecord formats one row's columns for the API: the list page and the
+// event stream show a record the same way.
+func newRecord(id int64, passcode, amount, currency, merchant string, expiresAfter int64, receivedAt time.Time) Record {
+	return Record{
+		ID:           id,
+		Passcode:     passcode,
+		Amount:       formatAmount(amount, currency),
+		Currency:     strings.ToUpper(currency),
+		MerchantName: merchant,
+		ExpiresAfter: expiresAfter,
+		ReceivedAt:   formatReceivedAt(receivedAt),
+	}
 }
 
 // pageOffset computes (page-1)*pageSize in int64 so that page 2147483647 works

@@ -87,6 +87,10 @@ func main() {
 	flag.StringVar(&o.serviceLog, "service-log", os.DevNull, "where a copy of the service's stdout (one JSON access-log line per request) goes; the bench reads it through a pipe, as a container runtime does, and counts the lines")
 	flag.Var(&o.compare, "compare", "NAME=PATH[,VAR=VALUE...]: another build of the service (repeatable; bench/run.sh builds BENCH_COMPARE=REV into one), measured in the same rounds, with extra environment after -env's: before/after in one run, or the service binary itself with one setting changed (an A/B), e.g. gogc200=bin/threeds-records,GOGC=200")
 	flag.Parse()
+	if *onlyFlag != "" && *onlyFlag != "pages" && *onlyFlag != "stream" {
+		fmt.Fprintf(os.Stderr, "bench: -only %q: want pages or stream\n", *onlyFlag)
+		os.Exit(2)
+	}
 	if o.dsn == "" {
 		fmt.Fprintln(os.Stderr, "bench: -db or DATABASE_URL is required")
 		os.Exit(2)
@@ -166,6 +170,9 @@ func run(ctx context.Context, o options) (bool, error) {
 	if err := m.s.writeJWKS(jwksPath); err != nil {
 		return false, err
 	}
+	if *onlyFlag == "stream" {
+		return runStreamScenario(ctx, o, admin, m.tokens, jwksPath)
+	}
 
 	b := &bench{o: o, ctx: ctx, tokens: m.tokens, postmaster: readPostmaster(o.pgPIDFile)}
 	svc, err := b.startServers(jwksPath)
@@ -238,6 +245,16 @@ func run(ctx context.Context, o options) (bool, error) {
 	}
 	if !ok {
 		fmt.Println("\nFAILED: non-2xx answers, transport/SQL errors or missing access-log lines (see above); the service log is in -service-log")
+	}
+	if *onlyFlag == "" {
+		// A fresh process, so the stream scenario's idle memory is not the
+		// page scenarios' leftovers.
+		svc.stop()
+		streamOK, err := runStreamScenario(ctx, o, admin, m.tokens, jwksPath)
+		if err != nil {
+			return false, fmt.Errorf("stream scenario: %w", err)
+		}
+		ok = ok && streamOK
 	}
 	return ok, nil
 }
@@ -350,6 +367,20 @@ func (b *bench) startServers(jwksPath string) (*runningService, error) {
 		}
 	}
 	return svc, nil
+}
+
+// startService starts the service binary alone, as the stream scenario
+// (stream.go) runs it.
+func startService(ctx context.Context, o options, jwksPath string) (*runningService, error) {
+	s, err := startServer(ctx, serverSpec{
+		name: "service", bin: o.service, args: strings.Fields(o.serviceArgs), dsn: withParams(o.dsn, o.dbParams),
+		env: o.serviceEnv, log: o.serviceLog, countLog: true, dir: o.dir,
+	}, jwksPath)
+	if err != nil && s != nil {
+		s.stop()
+		return nil, err
+	}
+	return s, err
 }
 
 // serverSpec is one HTTP server the bench runs: the service or the floor.

@@ -98,9 +98,11 @@ db_url=$(bash scripts/pg.sh start "$pgdir")
 DATABASE_URL=$db_url "$root/bin/threeds-records" migrate >/dev/null
 
 # The tool runs in the background so the traps fire at once on Ctrl-C.
+# pgbench (the stream scenario's writer) ships with the server binaries.
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags on purpose
 "$tmp/bench" -db "$db_url" -service "$service" -dir "$tmp" \
-	-pg-pid-file "$pgdir/data/postmaster.pid" ${extra[@]+"${extra[@]}"} ${BENCH_ARGS:-} "$@" &
+	-pg-pid-file "$pgdir/data/postmaster.pid" -pgbench "$(cat "$pgdir/bindir")/pgbench" \
+	${extra[@]+"${extra[@]}"} ${BENCH_ARGS:-} "$@" &
 tool=$!
 rc=0
 wait "$tool" || rc=$?

@@ -1,7 +1,10 @@
 -- Demo data for `make run` (scripts/demo.sh). Re-runnable: the demo users' rows are
 -- replaced, so the times stay relative to "now" on every start.
 -- User 1001 is the one the printed token signs in as; user 1002 exists only to show
--- that somebody else's passcodes never appear in 1001's pages.
+-- that somebody else's passcodes never appear in 1001's pages or stream.
+-- Only the first row is still valid (received a minute ago, valid for 300 s), so the
+-- event stream replays just that one before `ready`; the passcodes stored with the
+-- one-line INSERT that `make run` prints are 1001's too, and go at the next start.
 BEGIN;
 
 DELETE FROM threeds_records WHERE user_id IN (1001, 1002);

@@ -62,12 +62,26 @@ host=${listen%:*}
 port=${listen##*:}
 case $host in "" | 0.0.0.0 | "[::]" | "::") host=127.0.0.1 ;; esac
 
+# What the card issuer's integration does when a passcode comes in: one plain
+# INSERT. migrate's trigger turns its commit into a NOTIFY, and the service
+# pushes the record to user 1001's open streams.
+store_sql="INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at) VALUES (1001, lpad(floor(random() * 1000000)::int::text, 6, '0'), 19.99, 'USD', 'Demo Checkout', 300, now()) RETURNING id, passcode"
+
 cat >&2 <<EOF
 
   threeds-records demo on $listen (database $db_url)
   Signed in as user 1001 for 12h (token also in .demo/token). Try:
 
 curl -s -H "Authorization: Bearer $token" 'http://$host:$port/3ds/my-records?page=1&page_size=5'
+
+  Watch passcodes arrive: open the event stream in one terminal (it first replays the
+  passcodes still valid, then says "ready", then a ": ping" every 15 s)...
+
+curl -sN -H "Authorization: Bearer $token" 'http://$host:$port/3ds/my-records/events'
+
+  ...and store a new passcode for user 1001 in another; it shows up in the stream at once:
+
+'$psql' -X -d '$db_url' -c "$store_sql"
 
   Ctrl-C stops the service and the database.
 

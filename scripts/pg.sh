@@ -5,6 +5,11 @@
 #   scripts/pg.sh stop    DIR   fast shutdown; fine if already stopped or never started
 #   scripts/pg.sh restart DIR   stop + start on the same port (for reconnect tests)
 #   scripts/pg.sh url     DIR   prints the URL of DIR's cluster
+#   scripts/pg.sh standby DIR PRIMARY_DIR
+#                               a hot standby of the (running) cluster in PRIMARY_DIR:
+#                               pg_basebackup -R (once), then start on a port of its own
+#                               and wait until it accepts connections; prints its URL like
+#                               start. stop/restart/url work on DIR as on any cluster.
 #
 # Binaries: $PG_BINDIR, else the newest /usr/lib/postgresql/*/bin, else
 # `pg_config --bindir`, else PATH; as root with apt-get they are installed when missing.
@@ -19,6 +24,7 @@ prog=pg.sh
 usage() {
 	cat >&2 <<'EOF'
 usage: scripts/pg.sh start|stop|restart|url DIR
+       scripts/pg.sh standby DIR PRIMARY_DIR
 EOF
 	exit 2
 }
@@ -138,6 +144,10 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 max_connections = 200
+# so that 'pg.sh standby' can stream from it (replica is the default; said here so
+# it stays true); initdb -A trust already lets loopback replication connections in
+wal_level = replica
+max_wal_senders = 10
 EOF
 }
 
@@ -241,11 +251,74 @@ stop_cluster() {
 	fi
 }
 
-[ $# -eq 2 ] || usage
+# make_standby PRIMARY_DIR: fills DIR/data with a base backup of the running
+# cluster in PRIMARY_DIR, set up to follow it (-R: standby.signal and
+# primary_conninfo), unless DIR already holds a cluster.
+make_standby() {
+	local pdir=$1 pport level hba out
+	{ [ -f "$pdir/port" ] && [ -f "$pdir/bindir" ]; } ||
+		die "$pdir holds no cluster started by pg.sh: start the primary first"
+	pdir=$(cd "$pdir" && pwd -P)
+	pport=$(cat "$pdir/port")
+	mkdir -p "$dir"
+	dir=$(cd "$dir" && pwd -P)
+	case $dir in *"'"*) die "DIR must not contain a single quote: $dir" ;; esac
+	[ "$dir" != "$pdir" ] || die "the standby needs a directory of its own, not the primary's"
+	if [ -f "$dir/data/PG_VERSION" ]; then
+		return 0
+	fi
+	# The primary's major version, or the backup cannot be started; need_bindir
+	# then keeps using it through DIR/bindir.
+	if [ -z "${PG_BINDIR:-}" ]; then
+		PG_BINDIR=$(cat "$pdir/bindir")
+	fi
+	need_bindir
+	if is_root; then
+		id postgres >/dev/null 2>&1 ||
+			die "running as root needs a 'postgres' user (initdb refuses root); create one or run as an ordinary user"
+		make_reachable "$dir"
+	fi
+	"$bindir/pg_isready" -q -h 127.0.0.1 -p "$pport" -U postgres -d postgres -t 5 ||
+		die "the primary in $pdir does not accept connections on 127.0.0.1:$pport: start it first"
+	# A cluster made before pg.sh set these (or by someone else) may lack them:
+	# say what to change rather than let pg_basebackup fail obscurely.
+	level=$("$bindir/psql" -X -A -t -q -h 127.0.0.1 -p "$pport" -U postgres -d postgres -c 'SHOW wal_level') ||
+		die "could not ask the primary in $pdir for its wal_level"
+	case $level in
+	replica | logical) ;;
+	*) die "the primary in $pdir has wal_level=$level; set wal_level = replica in $pdir/data/postgresql.conf and restart it" ;;
+	esac
+	hba=$(as_pg cat "$pdir/data/pg_hba.conf")
+	if ! printf '%s\n' "$hba" | grep -Eq '^[[:space:]]*host[[:space:]]+replication[[:space:]]+(all|postgres)[[:space:]]+127\.0\.0\.1/32'; then
+		die "$pdir/data/pg_hba.conf has no 'host replication' line for 127.0.0.1/32; add one (trust is fine for a throwaway cluster) and reload the primary"
+	fi
+	if ! out=$(as_pg "$bindir/pg_basebackup" -D "$dir/data" -h 127.0.0.1 -p "$pport" -U postgres \
+		-R -X stream -c fast --no-sync 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "pg_basebackup from $pdir into $dir/data failed"
+	fi
+	# The copy carries the primary's postgresql.conf; the last setting in the file
+	# wins, so the standby gets its own socket directory. hot_standby (the
+	# default) is what lets it answer queries.
+	cat >>"$dir/data/postgresql.conf" <<EOF
+
+# added by scripts/pg.sh standby: a hot standby of $pdir
+unix_socket_directories = '$dir'
+hot_standby = on
+EOF
+	echo "$pdir" >"$dir/primary"
+}
+
+[ $# -ge 2 ] || usage
 cmd=$1
 dir=$2
 [ -n "$dir" ] || usage
 bindir=
+if [ "$cmd" = standby ]; then
+	{ [ $# -eq 3 ] && [ -n "$3" ]; } || usage
+else
+	[ $# -eq 2 ] || usage
+fi
 
 case $cmd in
 start)
@@ -259,6 +332,10 @@ restart)
 	port=$(cat "$dir/port")
 	stop_cluster
 	start_cluster "$port"
+	;;
+standby)
+	make_standby "$3"
+	start_cluster
 	;;
 url)
 	[ -f "$dir/url" ] || die "no cluster has been started in $dir"

@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+)
+
+func TestListenReadsEachNewRecordOnceForAllStreamsOfItsUser(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	var streams []*sseStream
+	for range 4 {
+		s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))
+		streams = append(streams, s)
+	}
+	for _, u := range []int64{1002, 1003} {
+		mustOpenStream(t, svc.URL, svc.tokenFor(t, u))
+	}
+	before := svc.hub.reads.Load()
+	insertRows(t, svc.pool, liveRow(1, 1001))
+	for i, s := range streams {
+		if got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 }); got[0] != 1 {
+			t.Errorf("stream %d got %v", i, got)
+		}
+	}
+	if n := svc.hub.reads.Load() - before; n != 1 {
+		t.Errorf("one record for a user with 4 streams took %d reads, want 1", n)
+	}
+}
+
+func TestListenIdleStreamsCostTheDatabaseNothing(t *testing.T) {
+	const heartbeat = 100 * time.Millisecond
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.heartbeat = heartbeat }})
+	admin := newTestPool(t, svc.dsn, nil)
+	for u := int64(1); u <= 5; u++ {
+		mustOpenStream(t, svc.URL, svc.tokenFor(t, u))
+	}
+	// The LISTEN backend's state_change moves whenever it runs a statement.
+	listenState := func() (state string, changed time.Time) {
+		t.Helper()
+		err := admin.QueryRow(context.Background(), `
+SELECT state, state_change FROM pg_stat_activity
+ WHERE datname = current_database() AND application_name = 'threeds-records-listen'`).Scan(&state, &changed)
+		if err != nil {
+			t.Fatalf("the LISTEN backend: %v", err)
+		}
+		return state, changed
+	}
+	reads := svc.hub.reads.Load()
+	_, before := listenState()
+	time.Sleep(10 * heartbeat) // ten heartbeats on each of five streams
+	state, after := listenState()
+	if n := svc.hub.reads.Load() - reads; n != 0 {
+		t.Errorf("idle streams caused %d reads", n)
+	}
+	if state != "idle" || !after.Equal(before) {
+		t.Errorf("the LISTEN backend ran statements while every stream was idle: state %s, state_change %s -> %s", state, before, after)
+	}
+	if pings := svc.hub.events[eventPing].Load(); pings < 5 {
+		t.Errorf("only %d pings: the streams were not exercised", pings)
+	}
+}
+
+func TestListenReadsNotificationsThatArriveTogetherInOneRead(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))
+	before := svc.hub.reads.Load()
+	// One transaction, fifty rows: fifty notifications delivered at commit.
+	_, err := svc.pool.Exec(context.Background(), `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
+SELECT 1001, '123456', 1, 'USD', 3600, now() FROM generate_series(1, 50)`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 50 })
+	reads := svc.hub.reads.Load() - before
+	t.Logf("50 notifications of one commit: %d read(s)", reads)
+	// One is the rule; a loaded machine may split the socket reads.
+	if reads > 3 {
+		t.Errorf("50 notifications that arrived together took %d reads", reads)
+	}
+	for i, id := range got {
+		if id != int64(i+1) {
+			t.Fatalf("ids %v, want 1..50 in order", got)
+		}
+	}
+}
+
+func TestListenReadsNothingForUsersWithoutStreams(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))
+	reads, notes := svc.hub.reads.Load(), svc.hub.notifications.Load()
+	insertRows(t, svc.pool, liveRow(1, 5000), liveRow(2, 5001))
+	waitFor(t, 10*time.Second, "the notifications", func() bool { return svc.hub.notifications.Load() == notes+2 })
+	insertRows(t, svc.pool, liveRow(3, 1001))
+	s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 })
+	if n := svc.hub.reads.Load() - reads; n != 1 {
+		t.Errorf("%d reads, want 1 (only the record of the user with a stream)", n)
+	}
+}
+
+func TestListenEndsAStreamThatStopsReading(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	st, ref := svc.hub.subscribe(1001)
+	if ref != nil {
+		t.Fatalf("subscribe: %+v", ref)
+	}
+	if d := <-st.ch; !d.ready {
+		t.Fatal("the first delivery is not the snapshot")
+	}
+	// Nobody reads st.ch now. Each commit is a batch of its own; one more
+	// than the buffer holds ends the stream.
+	for i := range streamBuffer + 1 {
+		insertRows(t, svc.pool, liveRow(int64(i+1), 1001))
+		waitFor(t, 10*time.Second, "the batch", func() bool { return svc.hub.reads.Load() >= int64(i+2) })
+	}
+	waitFor(t, 10*time.Second, "the stream to be ended", func() bool {
+		svc.hub.mu.Lock()
+		defer svc.hub.mu.Unlock()
+		return st.gone
+	})
+	queued := 0
+	for range st.ch { // the batches queued before the end, then the close
+		queued++
+	}
+	if queued != streamBuffer {
+		t.Errorf("%d batches were queued, want the buffer's %d", queued, streamBuffer)
+	}
+	svc.hub.mu.Lock()
+	reason := st.reason
+	svc.hub.mu.Unlock()
+	if reason != endSlowConsumer {
+		t.Errorf("reason %s, want slow_consumer", reason)
+	}
+	if n := svc.hub.openStreams(); n != 0 {
+		t.Errorf("%d streams still registered", n)
+	}
+	svc.hub.unsubscribe(st) // what the handler does after; must be harmless
+	if n := svc.hub.openStreams(); n != 0 {
+		t.Errorf("a second unsubscribe changed the count to %d", n)
+	}
+}
+
+func TestParsePayloadAcceptsOnlyTwoPositiveDecimalIDs(t *testing.T) {
+	for _, tc := range []struct {
+		payload  string
+		user, id int64
+		ok       bool
+	}{
+		{"1001:42", 1001, 42, true},
+		{"9223372036854775807:1", 9223372036854775807, 1, true},
+		{"0:1", 0, 0, false},
+		{"1:0", 0, 0, false},
+		{"-1:2", 0, 0, false},
+		{"1:-2", 0, 0, false},
+		{"a:1", 0, 0, false},
+		{"1:", 0, 0, false},
+		{":1", 0, 0, false},
+		{"12", 0, 0, false},
+		{"1:2:3", 0, 0, false},
+		{" 1:2", 0, 0, false},
+		{"9223372036854775808:1", 0, 0, false},
+		{"", 0, 0, false},
+	} {
+		user, id, ok := parsePayload(tc.payload)
+		if ok != tc.ok || user != tc.user || id != tc.id {
+			t.Errorf("parsePayload(%q) = %d, %d, %v", tc.payload, user, id, ok)
+		}
+	}
+}
+
+func TestStreamMetricsCountStreamsEventsEndsAndLag(t *testing.T) {
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.heartbeat = 200 * time.Millisecond }})
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))
+	insertRows(t, svc.pool, liveRow(1, 1001))
+	s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 })
+	if ev, _ := s.next(t, 2*time.Second); ev.comment != "ping" {
+		t.Fatalf("want a ping, got %v", ev)
+	}
+
+	// Counters move right after the flush the client already saw.
+	waitFor(t, 5*time.Second, "the counters", func() bool {
+		return svc.hub.events[eventPing].Load() >= 1 && svc.hub.lag.counts[len(latencyBuckets)].Load()+svc.hub.lag.sumNs.Load() > 0
+	})
+	m := parseExposition(t, scrapeText(t, svc.URL))
+	for _, c := range []struct {
+		name string
+		kv   []string
+		min  float64
+	}{
+		{"threeds_streams_open", nil, 1},
+		{"threeds_stream_events_total", []string{"type", "record"}, 1},
+		{"threeds_stream_events_total", []string{"type", "ready"}, 1},
+		{"threeds_stream_events_total", []string{"type", "ping"}, 1},
+		{"threeds_stream_notify_lag_seconds_count", nil, 1},
+		{"threeds_listen_up", nil, 1},
+		{"threeds_listen_notifications_total", nil, 1},
+		{"threeds_listen_reads_total", nil, 2},
+	} {
+		if v := m.value(t, c.name, c.kv...); v < c.min {
+			t.Errorf("%s%v = %v, want at least %v", c.name, c.kv, v, c.min)
+		}
+	}
+	for _, typ := range []string{"threeds_streams_open", "threeds_listen_up"} {
+		if m.types[typ] != "gauge" {
+			t.Errorf("%s is a %q", typ, m.types[typ])
+		}
+	}
+	if m.types["threeds_stream_notify_lag_seconds"] != "histogram" {
+		t.Error("the lag is not a histogram")
+	}
+
+	s.close()
+	waitFor(t, 5*time.Second, "the stream to be gone", func() bool { return svc.hub.openStreams() == 0 })
+	m = parseExposition(t, scrapeText(t, svc.URL))
+	if v := m.value(t, "threeds_stream_ends_total", "reason", "client_gone"); v != 1 {
+		t.Errorf("ends{client_gone} = %v, want 1", v)
+	}
+	if v := m.value(t, "threeds_streams_open"); v != 0 {
+		t.Errorf("streams_open = %v after the client left", v)
+	}
+	for _, reason := range endReasonNames {
+		if _, ok := m.find("threeds_stream_ends_total", "reason", reason); !ok {
+			t.Errorf("no threeds_stream_ends_total{reason=%q}", reason)
+		}
+	}
+
+	// A server without live updates still exposes the families, at zero.
+	plain := newTestService(t)
+	resp, _ := plain.do(t, http.MethodGet, "/metrics", "")
+	if resp.StatusCode != 200 {
+		t.Fatal(resp.StatusCode)
+	}
+	if v := parseExposition(t, scrapeText(t, plain.URL)).value(t, "threeds_listen_up"); v != 0 {
+		t.Errorf("listen_up = %v without a hub", v)
+	}
+}
