@@ -20,7 +20,8 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/threeds-trigger.XXXXXX")
 cleanup() { bash scripts/pg.sh stop "$tmp/pg" >/dev/null 2>&1 || true; rm -rf "$tmp"; }
 trap cleanup EXIT INT TERM
 
-bindir=$(dirname "$(bash -c '. scripts/lib.sh 2>/dev/null; command -v pgbench || ls -d /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1')")
+# pgbench and psql come with the PostgreSQL packages scripts/pg.sh installs.
+bindir=$(dirname "$(command -v pgbench || ls -d /usr/lib/postgresql/*/bin/pgbench | sort -V | tail -1)")
 make -s build
 url=$(bash scripts/pg.sh start "$tmp/pg")
 "$bindir/psql" "$url" -qX -c "ALTER SYSTEM SET fsync = on" -c "ALTER SYSTEM SET synchronous_commit = on"
