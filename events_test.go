@@ -577,9 +577,10 @@ SELECT $1, '123456', 1, 'USD', 3600, now() FROM generate_series(1, $2) RETURNING
 }
 
 func TestStreamLosesNothingAndDuplicatesNothingWhenTheListenBackendIsKilled(t *testing.T) {
-	// The first reconnect waits at least retryMin, so records committed
-	// right after the kill fall in the gap when nothing listens.
-	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.retryMin = 500 * time.Millisecond }})
+	// The first reconnect waits at least retryMin (jitter only adds), so
+	// records committed once the hub has seen its session go fall in the
+	// gap when nothing listens.
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.retryMin = 2 * time.Second }})
 	admin := newTestPool(t, svc.dsn, nil)
 	insertNow(t, admin, 3001)
 	insertNow(t, admin, 3002)
@@ -594,6 +595,9 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 	if err != nil || killed != 1 {
 		t.Fatalf("terminate the LISTEN backend: killed %d, %v", killed, err)
 	}
+	// The hub learns of the kill when it next reads its socket; records
+	// committed before that would still reach it.
+	waitFor(t, 15*time.Second, "the hub to see its LISTEN session go", func() bool { return !svc.hub.listening() })
 	inGap := []int64{insertNow(t, admin, 3001), insertNow(t, admin, 3002), insertNow(t, admin, 3001)}
 	if svc.hub.listening() {
 		t.Fatal("the hub still claims to listen: the records above may not have fallen in the gap")

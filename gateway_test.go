@@ -266,6 +266,12 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 	env["STREAM_HEARTBEAT"] = heartbeat.String()
 	svc := startRun(t, env)
 	waitFor(t, 15*time.Second, "readiness", func() bool { code, _ := svc.get(t, "/readyz", ""); return code == http.StatusOK })
+	// Readiness does not wait for the LISTEN session (the list endpoint
+	// works without it); a stream opened before it is up is a 503.
+	waitFor(t, 15*time.Second, "the LISTEN session", func() bool {
+		_, body := svc.get(t, "/metrics", "")
+		return strings.Contains(string(body), "\nthreeds_listen_up 1\n")
+	})
 	return &gatewayService{svc: svc, key: key, pool: newTestPool(t, dsn, nil)}
 }
 
