@@ -9,7 +9,9 @@ test:
 	scripts/with-postgres.sh go test -race -count=1 ./...
 
 # Throwaway PostgreSQL + seeded data + the real binary under load; prints the
-# table (about 2 minutes). BENCH_ARGS passes flags to the bench tool.
+# tables: the service beside ../shared/floor, then the event-stream scenario
+# (about 10 minutes). BENCH_ARGS passes flags to the bench tool, e.g.
+# BENCH_ARGS='-only stream' or '-only pages'.
 .PHONY: bench
 bench:
 	bench/run.sh
