@@ -256,6 +256,50 @@ func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationD
 	}
 }
 
+// A hot standby cannot LISTEN ("cannot execute LISTEN during recovery"): a
+// service whose DATABASE_LISTEN_URL is left at its default, a DATABASE_URL on
+// the standby, keeps serving pages, and its stream says why it cannot push
+// and the log says what to set (contract section 6).
+func TestStandbyOnDatabaseListenURLAnswers503AndTheLogSaysToUseThePrimary(t *testing.T) {
+	p := newReplicaPair(t)
+	rs := startRunReady(t, serviceEnv(p.standby.url, p.jwks))
+	const unavailable = "live updates are unavailable; the list endpoint keeps working"
+	waitFor(t, 30*time.Second, "the unavailable log line", func() bool {
+		for _, l := range rs.stdout.logLines(t) {
+			if l["msg"] == unavailable {
+				return true
+			}
+		}
+		return false
+	})
+	token := p.tokens[p.users[0]]
+	code, body := rs.get(t, "/3ds/my-records/events", token)
+	var e errorBody
+	if code != http.StatusServiceUnavailable || json.Unmarshal(body, &e) != nil ||
+		!strings.Contains(e.Details, "DATABASE_LISTEN_URL must be a direct session to the primary") ||
+		!strings.Contains(e.Details, "hot standby") {
+		t.Errorf("stream on a standby: %d %s; want 503 naming the hot standby and the primary", code, body)
+	}
+	if code, body := rs.get(t, "/3ds/my-records", token); code != http.StatusOK {
+		t.Errorf("the list endpoint on the standby: %d %s", code, body)
+	}
+	if code, _ := rs.get(t, "/readyz", ""); code != http.StatusOK {
+		t.Errorf("readyz = %d: LISTEN must not take readiness down", code)
+	}
+	var lines []map[string]any
+	for _, l := range rs.stdout.logLines(t) {
+		if l["msg"] == unavailable {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 || lines[0]["level"] != "ERROR" {
+		t.Fatalf("want exactly one ERROR line %q, got %v", unavailable, lines)
+	}
+	if set, _ := lines[0]["set"].(string); !strings.Contains(set, "DATABASE_LISTEN_URL") || !strings.Contains(set, "primary") {
+		t.Errorf("the log line does not say what to set: %v", lines[0])
+	}
+}
+
 func TestStandbyRefusesMigrateAtOnceAndSaysToUseThePrimary(t *testing.T) {
 	p := newReplicaPair(t)
 	// Bounded well above "at once" so a retrying migrate fails the test
