@@ -75,3 +75,62 @@ apt_install() {
 	exec 9>&-
 	rm -f "$log"
 }
+
+# find_program VAR CANDIDATE...: the binary the variable VAR names when it is
+# set (it must be executable), else the first executable candidate (empty
+# ones are skipped).
+find_program() {
+	local var=$1 b
+	shift
+	if [ -n "${!var:-}" ]; then
+		[ -x "${!var}" ] || die "$var=${!var} is not executable"
+		echo "${!var}"
+		return 0
+	fi
+	for b in "$@"; do
+		if [ -n "$b" ] && [ -x "$b" ]; then
+			echo "$b"
+			return 0
+		fi
+	done
+	return 1
+}
+
+# need_program PACKAGE FIND VAR: sets bin to what the function FIND finds. As
+# root with apt-get, the Debian package PACKAGE is installed when missing, and
+# the system-wide service the package starts is stopped: it is not ours to
+# keep running. Otherwise it says how to install it (or set VAR) and exits.
+need_program() {
+	local pkg=$1 find=$2 var=$3
+	if bin=$("$find"); then
+		return 0
+	fi
+	if is_root && command -v apt-get >/dev/null 2>&1; then
+		apt_install "$pkg" "$find"
+		if command -v service >/dev/null 2>&1; then
+			service "$pkg" stop >/dev/null 2>&1 || true
+		fi
+		if command -v systemctl >/dev/null 2>&1; then
+			systemctl disable --now "$pkg" >/dev/null 2>&1 || true
+		fi
+		bin=$("$find") || die "$pkg was installed but its binary was not found"
+		say "installed $bin"
+		return 0
+	fi
+	cat >&2 <<EOF
+$prog: $pkg was not found. Install it, for example:
+  Debian/Ubuntu:  sudo apt-get install $pkg
+  Fedora/RHEL:    sudo dnf install $pkg
+  macOS:          brew install $pkg
+or point $var at the binary.
+EOF
+	exit 1
+}
+
+# pid_in FILE: the pid written in FILE, when that process is alive.
+pid_in() {
+	local pid
+	[ -f "$1" ] || return 1
+	pid=$(cat "$1" 2>/dev/null) || return 1
+	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
+}

@@ -40,60 +40,13 @@ EOF
 }
 
 find_bin() {
-	local b
-	if [ -n "${NGINX_BIN:-}" ]; then
-		[ -x "$NGINX_BIN" ] || die "NGINX_BIN=$NGINX_BIN is not executable"
-		echo "$NGINX_BIN"
-		return 0
-	fi
 	# /usr/sbin is not on an ordinary user's PATH on Debian.
-	for b in "$(command -v nginx 2>/dev/null || true)" /usr/sbin/nginx /usr/local/sbin/nginx /usr/local/nginx/sbin/nginx /opt/homebrew/bin/nginx; do
-		if [ -n "$b" ] && [ -x "$b" ]; then
-			echo "$b"
-			return 0
-		fi
-	done
-	return 1
+	find_program NGINX_BIN "$(command -v nginx 2>/dev/null || true)" /usr/sbin/nginx /usr/local/sbin/nginx /usr/local/nginx/sbin/nginx /opt/homebrew/bin/nginx
 }
 
-install_nginx() {
-	apt_install nginx find_bin
-	# The package starts a system-wide nginx on port 80 where services may start;
-	# it is not ours to keep running.
-	if command -v service >/dev/null 2>&1; then
-		service nginx stop >/dev/null 2>&1 || true
-	fi
-	if command -v systemctl >/dev/null 2>&1; then
-		systemctl disable --now nginx >/dev/null 2>&1 || true
-	fi
-	say "installed $(find_bin)"
-}
+need_bin() { need_program nginx find_bin NGINX_BIN; }
 
-need_bin() {
-	if bin=$(find_bin); then
-		return 0
-	fi
-	if is_root && command -v apt-get >/dev/null 2>&1; then
-		install_nginx
-		bin=$(find_bin) || die "nginx was installed but its binary was not found"
-		return 0
-	fi
-	cat >&2 <<'EOF'
-nginx.sh: nginx was not found. Install it, for example:
-  Debian/Ubuntu:  sudo apt-get install nginx
-  Fedora/RHEL:    sudo dnf install nginx
-  macOS:          brew install nginx
-or point NGINX_BIN at the binary.
-EOF
-	exit 1
-}
-
-running_pid() {
-	local pid
-	[ -f "$dir/nginx.pid" ] || return 1
-	pid=$(cat "$dir/nginx.pid" 2>/dev/null) || return 1
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
+running_pid() { pid_in "$dir/nginx.pid"; }
 
 write_config() {
 	local port=$1 upstream=$2 user_line= version gzip_lines= conn_line=

@@ -42,59 +42,13 @@ as_runner() {
 }
 
 find_bin() {
-	local b
-	if [ -n "${PGBOUNCER_BIN:-}" ]; then
-		[ -x "$PGBOUNCER_BIN" ] || die "PGBOUNCER_BIN=$PGBOUNCER_BIN is not executable"
-		echo "$PGBOUNCER_BIN"
-		return 0
-	fi
 	# /usr/sbin is not on an ordinary user's PATH on Debian.
-	for b in "$(command -v pgbouncer 2>/dev/null || true)" /usr/sbin/pgbouncer /usr/local/sbin/pgbouncer /usr/local/bin/pgbouncer; do
-		if [ -n "$b" ] && [ -x "$b" ]; then
-			echo "$b"
-			return 0
-		fi
-	done
-	return 1
+	find_program PGBOUNCER_BIN "$(command -v pgbouncer 2>/dev/null || true)" /usr/sbin/pgbouncer /usr/local/sbin/pgbouncer /usr/local/bin/pgbouncer
 }
 
-install_pgbouncer() {
-	apt_install pgbouncer find_bin
-	# The package may start a system-wide pgbouncer on 6432; it is not ours to keep running.
-	if command -v service >/dev/null 2>&1; then
-		service pgbouncer stop >/dev/null 2>&1 || true
-	fi
-	if command -v systemctl >/dev/null 2>&1; then
-		systemctl disable --now pgbouncer >/dev/null 2>&1 || true
-	fi
-	say "installed $(find_bin)"
-}
+need_bin() { need_program pgbouncer find_bin PGBOUNCER_BIN; }
 
-need_bin() {
-	if bin=$(find_bin); then
-		return 0
-	fi
-	if is_root && command -v apt-get >/dev/null 2>&1; then
-		install_pgbouncer
-		bin=$(find_bin) || die "pgbouncer was installed but its binary was not found"
-		return 0
-	fi
-	cat >&2 <<'EOF'
-pgbouncer.sh: pgbouncer was not found. Install it, for example:
-  Debian/Ubuntu:  sudo apt-get install pgbouncer
-  Fedora/RHEL:    sudo dnf install pgbouncer
-  macOS:          brew install pgbouncer
-or point PGBOUNCER_BIN at the binary.
-EOF
-	exit 1
-}
-
-running_pid() {
-	local pid
-	[ -f "$dir/pgbouncer.pid" ] || return 1
-	pid=$(cat "$dir/pgbouncer.pid" 2>/dev/null) || return 1
-	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
-}
+running_pid() { pid_in "$dir/pgbouncer.pid"; }
 
 # parse_upstream URL: sets up_user, up_pass, up_host, up_port, up_db, up_query.
 parse_upstream() {
