@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 )
@@ -336,14 +335,20 @@ func liveRow(id, user int64) seedRow {
 	return r
 }
 
-// insertNow stores one live record of user in a transaction of its own and
-// returns its id (the identity column picks it, as the writer's would).
-func insertNow(t testing.TB, pool *pgxpool.Pool, user int64) int64 {
+// rowQuerier is a pool or a single session (the writer's, on a primary).
+type rowQuerier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// insertNow stores one live record of user in a transaction of its own, as
+// the card-issuer integration does, and returns its id once the commit has
+// returned (the identity column picks it, as the writer's would).
+func insertNow(t testing.TB, db rowQuerier, user int64) int64 {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var id int64
-	err := pool.QueryRow(ctx, `
+	err := db.QueryRow(ctx, `
 INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
 VALUES ($1, '123456', 100, 'USD', 'Amazon', 3600, now()) RETURNING id`, user).Scan(&id)
 	if err != nil {

@@ -129,23 +129,6 @@ func newestID(base, token string) int64 {
 	return page.Data.Records[0].ID
 }
 
-// insertLive stores a new, live record for user through the writer's
-// session, as the card-issuer integration does, and returns its id once
-// the commit has returned.
-func insertLive(t testing.TB, writer *pgx.Conn, user int64) int64 {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var id int64
-	err := writer.QueryRow(ctx, `
-INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
-VALUES ($1, '424242', 1, 'EUR', 'Scale test', 300, clock_timestamp()) RETURNING id`, user).Scan(&id)
-	if err != nil {
-		t.Fatalf("insert on the primary: %v", err)
-	}
-	return id
-}
-
 // durations summarises measured waits for the log.
 type durations []time.Duration
 
@@ -185,7 +168,7 @@ func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationD
 		var lags durations
 		for range 20 {
 			sent := time.Now()
-			id := insertLive(t, writer, user)
+			id := insertNow(t, writer, user)
 			ev, ok := stream.nextEvent(t, 10*time.Second)
 			if !ok || ev.event != "record" || eventID(t, ev) != id {
 				t.Fatalf("after inserting %d the stream sent %v (ok %v)", id, ev, ok)
@@ -240,7 +223,7 @@ func TestStandbyServesTheSamePagesAsThePrimaryAndNewRecordsWithinTheReplicationD
 			var delays durations
 			for i := range tc.inserts {
 				user := p.users[i%(len(p.users)-1)]
-				id := insertLive(t, writer, user)
+				id := insertNow(t, writer, user)
 				committed := time.Now()
 				deadline := committed.Add(10 * time.Second)
 				for newestID(onStandby.base, p.tokens[user]) != id {
@@ -998,7 +981,7 @@ func TestStandbyBehindPgBouncerServesTheSamePagesAndTheStartLogNamesIt(t *testin
 			t.Fatal(err)
 		}
 		defer writer.Close(context.Background())
-		id := insertLive(t, writer, user)
+		id := insertNow(t, writer, user)
 		if ev, ok := stream.nextEvent(t, 10*time.Second); !ok || ev.event != "record" || eventID(t, ev) != id {
 			t.Fatalf("after inserting %d the stream sent %v (ok %v)", id, ev, ok)
 		}
