@@ -166,6 +166,21 @@ func (e *readOnlyServerError) Error() string {
 	return fmt.Sprintf("%s is read-only (%s): point DATABASE_URL at the primary", e.server, e.why)
 }
 
+// notAllowedError is a role that may not create or change a schema object
+// (42501 insufficient_privilege, e.g. "must be owner of table"). Retrying
+// cannot grant the privilege, so migrate stops at once, as for a read-only
+// server.
+type notAllowedError struct {
+	object string
+	err    error
+}
+
+func (e *notAllowedError) Error() string {
+	return fmt.Sprintf("%s: %v: run migrate as the role that owns threeds_records (or may create it, its index and its trigger)", e.object, e.err)
+}
+
+func (e *notAllowedError) Unwrap() error { return e.err }
+
 // Migrate applies schema.sql, bounded by the store's timeout, logging nowhere.
 func (s *Store) Migrate(ctx context.Context) error {
 	if err := s.migrate(ctx, slog.New(slog.DiscardHandler)); err != nil {
@@ -234,6 +249,9 @@ SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
 				var pgErr *pgconn.PgError
 				errors.As(err, &pgErr)
 				return &readOnlyServerError{server, pgErr.Message}
+			}
+			if pgErrorCode(err) == "42501" { // insufficient_privilege
+				return &notAllowedError{st.object(), err}
 			}
 			return fmt.Errorf("%s: %w", st.object(), err)
 		}
@@ -405,7 +423,8 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // runMigrate is `threeds-records migrate`. It retries for a while, as a
 // Kubernetes Job may start before the database accepts connections and a
 // lock may stay busy beyond one step's retries; the whole run is bounded
-// by migrateRunTimeout. A read-only server is refused at once.
+// by migrateRunTimeout. A read-only server, or a role without the privilege,
+// is refused at once.
 func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Logger) error {
 	ctx, cancel := context.WithTimeout(ctx, migrateRunTimeout)
 	defer cancel()
@@ -416,7 +435,8 @@ func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Log
 			return nil
 		}
 		var readOnly *readOnlyServerError
-		if errors.As(err, &readOnly) || ctx.Err() != nil {
+		var notAllowed *notAllowedError
+		if errors.As(err, &readOnly) || errors.As(err, &notAllowed) || ctx.Err() != nil {
 			return fmt.Errorf("migrate: %w", err)
 		}
 		logger.Warn("migrate failed; retrying", "error", err.Error(), "retry_in", migrateRetryEvery.String())

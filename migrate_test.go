@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
+	"net/url"
 	"os/exec"
 	"slices"
 	"strings"
@@ -659,6 +662,60 @@ func TestMigrateFailsAtOnceAgainstADatabaseThatIsReadOnly(t *testing.T) {
 		t.Fatalf("make the database read-only: %v", err)
 	}
 	assertMigrateRefusesAReadOnlyServer(t, dsn)
+}
+
+// A role that may read the table but does not own it cannot build its index:
+// no amount of retrying grants that, so migrate says so at once instead of
+// retrying for its ten minutes.
+func TestMigrateFailsAtOnceForARoleThatMayNotChangeTheTable(t *testing.T) {
+	t.Parallel()
+	dsn := newEmptyTestDB(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	migrateTestDB(t, dsn)
+	var suffix [6]byte
+	_, _ = rand.Read(suffix[:])
+	role := "threeds_reader_" + hex.EncodeToString(suffix[:])
+	owner := connectTest(t, dsn)
+	for _, stmt := range []string{
+		"CREATE ROLE " + role + " LOGIN",
+		"GRANT SELECT ON threeds_records TO " + role,
+		"DROP INDEX threeds_records_user_page_idx",
+	} {
+		if _, err := owner.Exec(ctx, stmt); err != nil {
+			t.Fatalf("%s: %v", stmt, err)
+		}
+	}
+	t.Cleanup(func() {
+		// Runs before the database is dropped: the grant goes with DROP
+		// OWNED, then the role (roles are the cluster's, not the database's).
+		cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer ccancel()
+		if _, err := owner.Exec(cctx, "DROP OWNED BY "+role+"; DROP ROLE "+role); err != nil {
+			t.Errorf("drop role %s: %v", role, err)
+		}
+	})
+	u, err := url.Parse(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.User = url.User(role)
+
+	var stdout syncBuffer
+	start := time.Now()
+	err = run(ctx, []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": u.String()}), &stdout, &syncBuffer{})
+	took := time.Since(start)
+	if err == nil {
+		t.Fatal("migrate by a role that does not own the table succeeded")
+	}
+	if took > 5*time.Second || strings.Contains(stdout.String(), "retrying") {
+		t.Errorf("migrate took %v and retried (log:\n%s); want a refusal at once", took, stdout.String())
+	}
+	for _, want := range []string{"must be owner", "run migrate as the role that owns threeds_records"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
 }
 
 func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldingUpInserts(t *testing.T) {
