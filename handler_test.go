@@ -47,10 +47,11 @@ func (s *testService) tokenFor(t testing.TB, user int64) string {
 	return s.key.token(t, validClaims(user))
 }
 
-// do sends one request; token "" sends no Authorization header.
-func (s *testService) do(t testing.TB, method, target, token string, header ...string) (*http.Response, []byte) {
+// newTestRequest builds a request with a bearer token (none when token is
+// "") and header as name, value pairs.
+func newTestRequest(t testing.TB, ctx context.Context, method, url, token string, header ...string) *http.Request {
 	t.Helper()
-	req, err := http.NewRequest(method, s.URL+target, nil)
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,6 +61,13 @@ func (s *testService) do(t testing.TB, method, target, token string, header ...s
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
+	return req
+}
+
+// do sends one request; token "" sends no Authorization header.
+func (s *testService) do(t testing.TB, method, target, token string, header ...string) (*http.Response, []byte) {
+	t.Helper()
+	req := newTestRequest(t, context.Background(), method, s.URL+target, token, header...)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

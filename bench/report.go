@@ -125,13 +125,7 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 	fmt.Fprintf(w, "\nservice RSS: idle after start %s MiB, peak under load %s MiB (VmHWM), 2 s after the load %s MiB\n", mib(mem.idleKiB), mib(mem.peakKiB), mib(mem.afterKiB))
 
 	fmt.Fprintln(w, "\ntargets:")
-	check := func(ok bool, what string) {
-		mark := "ok  "
-		if !ok {
-			mark = "MISS"
-		}
-		fmt.Fprintf(w, "  [%s] %s\n", mark, what)
-	}
+	check := func(ok bool, what string) { printTarget(w, ok, what) }
 	for _, r := range results {
 		for _, s := range r.sides {
 			check(s.non2xx == 0 && s.errs == 0, fmt.Sprintf("%s, %s: zero non-2xx and errors (%d non-2xx, %d transport; first: %q)", r.sc.name, s.name, s.non2xx, s.errs, s.firstErr))
@@ -166,4 +160,13 @@ func printReport(w io.Writer, o options, pgVersion string, servers []*runningSer
 	}
 	check(mem.peakKiB <= 40<<10, fmt.Sprintf("service peak RSS <= 40 MiB (%s MiB)", mib(mem.peakKiB)))
 	check(mem.idleKiB <= 20<<10, fmt.Sprintf("service idle RSS <= 20 MiB (%s MiB)", mib(mem.idleKiB)))
+}
+
+// printTarget is one line of a targets list: [ok  ] or [MISS], then what.
+func printTarget(w io.Writer, ok bool, what string) {
+	mark := "ok  "
+	if !ok {
+		mark = "MISS"
+	}
+	fmt.Fprintf(w, "  [%s] %s\n", mark, what)
 }

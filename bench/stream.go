@@ -783,13 +783,7 @@ func printStreamReport(w io.Writer, r *streamResult) {
 	}
 
 	fmt.Fprintln(w, "\nstream targets (issue 9):")
-	check := func(ok bool, what string) {
-		mark := "PASS"
-		if !ok {
-			mark = "MISS"
-		}
-		fmt.Fprintf(w, "  [%s] %s\n", mark, what)
-	}
+	check := func(ok bool, what string) { printTarget(w, ok, what) }
 	p50, p99 := pct(r.lat, 0.5), pct(r.lat, 0.99)
 	check(len(r.lat) > 0 && p50 <= targetP50, fmt.Sprintf("commit → event p50 ≤ %s (%s ms)", targetP50, msStr(p50)))
 	check(len(r.lat) > 0 && p99 <= targetP99, fmt.Sprintf("commit → event p99 ≤ %s (%s ms)", targetP99, msStr(p99)))
