@@ -231,12 +231,14 @@ func (v *Verifier) refresh(ctx context.Context, cause string) bool {
 		kr, err = parseKeyring(raw)
 	}
 	if err != nil {
-		v.refreshFailed.Add(1)
 		// Quiet only at shutdown; a timed-out forced refresh is worth a line.
+		// Logged before it is counted, so whoever sees the count (a scrape,
+		// a test) finds the line already written.
 		if v.bg.Err() == nil {
 			v.logger.Warn("jwks refresh failed; keeping the last good keys",
 				"source", v.source, "cause", cause, "error", err.Error(), "keys", v.KeyCount())
 		}
+		v.refreshFailed.Add(1)
 		return false
 	}
 	v.refreshOK.Add(1)
