@@ -61,7 +61,6 @@ type config struct {
 	queryTimeout    time.Duration
 	logLevel        slog.Level
 	maxInFlight     int
-	streamSource    string // TEMPORARY (branch migrate): the lead's seam commit on main replaces this
 
 	// The event stream (contract section 6): the LISTEN session's target
 	// and the limits.
@@ -114,14 +113,6 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 	}
 	if c.logLevel, err = logLevelVar(getenv); err != nil {
 		return nil, err
-	}
-	// TEMPORARY (branch migrate): the lead's seam commit on main replaces this.
-	switch c.streamSource = getenv("STREAM_SOURCE"); c.streamSource {
-	case "":
-		c.streamSource = "notify"
-	case "notify", "wal":
-	default:
-		return nil, &configError{"STREAM_SOURCE", "must be notify or wal"}
 	}
 	if migrateOnly {
 		return c, nil
