@@ -301,7 +301,6 @@ func parsePayload(s string) (userID, id int64, ok bool) {
 	return userID, id, true
 }
 
-
 // streamedAmong reports whether a notification in incoming is for a user
 // with an open stream.
 func (n *notifySource) streamedAmong(incoming []notification) bool {
