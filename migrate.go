@@ -77,7 +77,7 @@ func (e *notAllowedError) Unwrap() error { return e.err }
 
 // Migrate applies schema.sql for the default source (notify), bounded by the
 // store's timeout, logging nowhere.
-func (s *Store) Migrate(ctx context.Context) error { return s.MigrateFor(ctx, "notify") }
+func (s *Store) Migrate(ctx context.Context) error { return s.MigrateFor(ctx, sourceNotify) }
 
 // MigrateFor applies schema.sql for STREAM_SOURCE source (notify or wal),
 // like Migrate.

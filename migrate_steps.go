@@ -22,7 +22,7 @@ var schemaFile string
 var schemaSteps = mustParseSchema(schemaFile)
 
 // streamSources are the values of STREAM_SOURCE a step may belong to.
-var streamSources = []string{"notify", "wal"}
+var streamSources = []string{sourceNotify, sourceWAL}
 
 // The actions a step's log line reports.
 const (
