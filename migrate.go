@@ -125,14 +125,8 @@ func (s *Store) migrate(ctx context.Context, logger *slog.Logger, source string)
 		_ = conn.Close(closeCtx)
 	}()
 
-	var inRecovery bool
-	var readOnly string
-	if err := conn.QueryRow(ctx, `
-SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
-       set_config('statement_timeout', '0', false),
-       set_config('lock_timeout', $1, false)`,
-		fmt.Sprintf("%dms", migrateLockTimeout.Milliseconds()),
-	).Scan(&inRecovery, &readOnly, nil, nil); err != nil {
+	inRecovery, readOnly, err := sessionSettings(ctx, conn)
+	if err != nil {
 		return fmt.Errorf("session settings: %w", err)
 	}
 	server := redactedURL(s.pool.Config())
@@ -160,6 +154,25 @@ SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
 		}
 	}
 	return nil
+}
+
+// sessionSettings lifts statement_timeout, sets lock_timeout and reads
+// whether the server takes writes. The statement itself still runs under
+// whatever statement_timeout the role or database sets: a very short one
+// (tens of milliseconds) can cancel it on a busy server, and as it is
+// idempotent it is simply tried again.
+func sessionSettings(ctx context.Context, conn *pgx.Conn) (inRecovery bool, readOnly string, err error) {
+	for attempt := 1; ; attempt++ {
+		err = conn.QueryRow(ctx, `
+SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
+       set_config('statement_timeout', '0', false),
+       set_config('lock_timeout', $1, false)`,
+			fmt.Sprintf("%dms", migrateLockTimeout.Milliseconds()),
+		).Scan(&inRecovery, &readOnly, nil, nil)
+		if err == nil || pgErrorCode(err) != "57014" || attempt == 5 { // query_canceled
+			return inRecovery, readOnly, err
+		}
+	}
 }
 
 // lockMigration takes the migration's advisory lock for the session.
