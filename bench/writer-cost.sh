@@ -126,7 +126,7 @@ wait_delivered() {
 }
 
 declare -A rate cpu delivered missing
-echo "durable cluster: fsync=$(psql -c 'SHOW fsync'), synchronous_commit=$(psql -c 'SHOW synchronous_commit'), full_page_writes=$(psql -c 'SHOW full_page_writes'), wal_level=$(psql -c 'SHOW wal_level'); $secs s a run, $rounds rounds, $streams streams; $(nproc) cores; $(date -u +%FT%TZ)"
+echo "durable cluster: fsync=$(psql -c 'SHOW fsync'), synchronous_commit=$(psql -c 'SHOW synchronous_commit'), full_page_writes=$(psql -c 'SHOW full_page_writes'), wal_level=$(psql -c 'SHOW wal_level'); $secs s a run, $rounds rounds, $streams streams; $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 for round in $(seq 1 "$rounds"); do
 	order=(none notify wal)
 	[ $((round % 2)) -eq 0 ] && order=(wal notify none)
