@@ -23,8 +23,8 @@
 --   the default source, notify (the function and its trigger), and removes
 --   nothing. `psql -v wal=1 -f schema.sql` also creates the wal source's
 --   publication: the first step of switching sources without a gap (see
---   docs/operating.md). psql skips the lines that start with a backslash;
---   migrate ignores them.
+--   docs/operating.md). The lines that start with a backslash are psql's
+--   own commands (\if); migrate leaves them out.
 --
 -- Order matters: the trigger needs the table and the function; the
 -- publication needs the table.
