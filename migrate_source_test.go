@@ -243,6 +243,35 @@ VALUES (102, 7, '000000', 1, 'USD', 300, now())`,
 	}
 }
 
+func TestMigrateRecreatesAPublicationThatPublishesAnythingButTheTablesInserts(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, setup string }{
+		{"one that publishes updates and deletes too", "CREATE PUBLICATION threeds_records_events FOR TABLE threeds_records"},
+		{"one that publishes another table too", `CREATE TABLE other (a int PRIMARY KEY);
+CREATE PUBLICATION threeds_records_events FOR TABLE threeds_records, other WITH (publish = 'insert')`},
+		{"one that publishes another table only", `CREATE TABLE other (a int PRIMARY KEY);
+CREATE PUBLICATION threeds_records_events FOR TABLE other WITH (publish = 'insert')`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dsn := newTestDB(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if _, err := connectTest(t, dsn).Exec(ctx, tc.setup); err != nil {
+				t.Fatalf("set the publication up: %v", err)
+			}
+			logs, err := migrateSourceLog(t, ctx, dsn, "wal")
+			if err != nil {
+				t.Fatalf("migrate: %v", err)
+			}
+			wantActions(t, logs, actionDropped, actionReplaced)
+			if got := sourceObjectsOf(t, dsn); got != walInPlace {
+				t.Errorf("the catalog holds %+v, want %+v", got, walInPlace)
+			}
+		})
+	}
+}
+
 func TestMigrateChangesTheTriggerBehindAnOpenWriterTransactionHoldingInsertsUpOnlyForLockTimeout(t *testing.T) {
 	// Not parallel: it times inserts.
 	cases := []struct{ name, source, setup, action string }{
