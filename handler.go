@@ -53,6 +53,7 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.metrics = newMetrics(store, verifier)
 	s.metrics.limit = s.limit
 	s.metrics.hub = hub
+	s.metrics.notReady = s.notReady
 	// The limit comes first so that a shed request costs no token check;
 	// only the API routes get it (see inFlightLimit.wrap).
 	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, s.logger))))
@@ -506,26 +507,31 @@ func handleHealthz(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
-	var why string
-	switch {
-	case s.draining.Load():
-		why = "the service is shutting down"
-	case !s.verifier.Ready():
-		why = "verification keys are not loaded yet"
-	case s.store.saturated():
-		// Every connection is busy running queries, so the database is
-		// answering; a ping would only queue behind them, time out and take
-		// a merely busy pod out of rotation, pushing its load onto the rest.
-	default:
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := s.store.Ping(ctx); err != nil {
-			why = "the database is not reachable"
-		}
-	}
-	if why != "" {
+	if why := s.notReady(r.Context()); why != "" {
 		writeError(w, r, http.StatusServiceUnavailable, "not_ready", why)
 		return
 	}
 	writeJSON(w, r, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// notReady says why the instance is not ready, or "" when it is: /readyz's
+// answer, and threeds_ready at each scrape.
+func (s *server) notReady(ctx context.Context) string {
+	switch {
+	case s.draining.Load():
+		return "the service is shutting down"
+	case !s.verifier.Ready():
+		return "verification keys are not loaded yet"
+	case s.store.saturated():
+		// Every connection is busy running queries, so the database is
+		// answering; a ping would only queue behind them, time out and take
+		// a merely busy pod out of rotation, pushing its load onto the rest.
+		return ""
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := s.store.Ping(ctx); err != nil {
+		return "the database is not reachable"
+	}
+	return ""
 }

@@ -1,10 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"net/http"
+	"os"
 	"runtime"
+	rtmetrics "runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,6 +23,9 @@ type metrics struct {
 	verifier *Verifier
 	limit    *inFlightLimit // MAX_IN_FLIGHT of the API routes
 	hub      *hub           // nil: the stream families are exposed at zero
+	// notReady is /readyz's check ("" when ready), run at each scrape for
+	// threeds_ready; nil reports ready.
+	notReady func(context.Context) string
 
 	mu       sync.Mutex
 	requests map[routeCode]*atomic.Int64
@@ -210,7 +216,13 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_empty_acquire_total Acquisitions that had to wait for a connection.\n# TYPE threeds_db_pool_empty_acquire_total counter\nthreeds_db_pool_empty_acquire_total %d\n", st.EmptyAcquireCount())
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_canceled_acquire_total Acquisitions given up at their deadline (pool exhausted or database unreachable).\n# TYPE threeds_db_pool_canceled_acquire_total counter\nthreeds_db_pool_canceled_acquire_total %d\n", st.CanceledAcquireCount())
 
+	ready := 1
+	if m.notReady != nil && m.notReady(r.Context()) != "" {
+		ready = 0
+	}
+	fmt.Fprintf(&b, "# HELP threeds_ready 1 when GET /readyz would answer 200 (checked at the scrape).\n# TYPE threeds_ready gauge\nthreeds_ready %d\n", ready)
 	writeStreamMetrics(&b, m.hub)
+	writeProcessMetrics(&b)
 
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -288,3 +300,52 @@ var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 // formatFloat is the shortest exact decimal form, which Prometheus parses
 // back to the same float64.
 func formatFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
+
+// processSamples are read from runtime/metrics, which (unlike
+// runtime.ReadMemStats) does not stop the world; the names are those of
+// Prometheus's Go client, so existing dashboards read them.
+var processSamples = []struct {
+	runtimeName, name, help string
+}{
+	{"/memory/classes/heap/objects:bytes", "go_memstats_heap_alloc_bytes", "Bytes of allocated heap objects."},
+	{"/memory/classes/total:bytes", "go_memstats_sys_bytes", "Bytes of memory obtained from the OS by the Go runtime."},
+	{"/gc/gomemlimit:bytes", "go_gc_gomemlimit_bytes", "GOMEMLIMIT: the Go runtime's soft memory limit."},
+}
+
+// writeProcessMetrics writes the process's memory: the Go runtime's view,
+// and the resident set the kernel (and an OOM killer) counts, where /proc
+// tells it.
+func writeProcessMetrics(b *strings.Builder) {
+	samples := make([]rtmetrics.Sample, len(processSamples))
+	for i, p := range processSamples {
+		samples[i].Name = p.runtimeName
+	}
+	rtmetrics.Read(samples)
+	for i, p := range processSamples {
+		if samples[i].Value.Kind() != rtmetrics.KindUint64 {
+			continue
+		}
+		fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", p.name, p.help, p.name, p.name, samples[i].Value.Uint64())
+	}
+	if rss, ok := residentBytes(); ok {
+		fmt.Fprintf(b, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %d\n", rss)
+	}
+}
+
+// residentBytes is the resident set size from /proc/self/statm (Linux): its
+// second field, in pages.
+func residentBytes() (int64, bool) {
+	buf, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0, false
+	}
+	fields := strings.Fields(string(buf))
+	if len(fields) < 2 {
+		return 0, false
+	}
+	pages, err := strconv.ParseInt(fields[1], 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	return pages * int64(os.Getpagesize()), true
+}
