@@ -259,7 +259,9 @@ func writeHistogram(b *strings.Builder, name, labels string, bounds []float64, c
 // so the families exist (at zero) on every instance.
 var idleHub = newHub(hubConfig{}, nil)
 
-// writeStreamMetrics exposes the event streams and the LISTEN session.
+// writeStreamMetrics exposes the event streams and their source session.
+// The source's series are the same whichever STREAM_SOURCE runs, with the
+// source as a constant label, so one alert covers both.
 func writeStreamMetrics(b *strings.Builder, h *hub) {
 	if h == nil {
 		h = idleHub
@@ -268,6 +270,7 @@ func writeStreamMetrics(b *strings.Builder, h *hub) {
 	if h.listening() {
 		up = 1
 	}
+	src := labelValue(h.cfg.source)
 	fmt.Fprintf(b, "# HELP threeds_streams_open Open event streams.\n# TYPE threeds_streams_open gauge\nthreeds_streams_open %d\n", h.openStreams())
 	b.WriteString("# HELP threeds_stream_events_total Events written to event streams, by type.\n# TYPE threeds_stream_events_total counter\n")
 	for i := range numEventTypes {
@@ -277,12 +280,13 @@ func writeStreamMetrics(b *strings.Builder, h *hub) {
 	for i := range numEndReasons {
 		fmt.Fprintf(b, "threeds_stream_ends_total{reason=\"%s\"} %d\n", i.String(), h.ends[i].Load())
 	}
-	b.WriteString("# HELP threeds_stream_notify_lag_seconds From a notification's arrival to its record being written and flushed on a stream.\n# TYPE threeds_stream_notify_lag_seconds histogram\n")
+	b.WriteString("# HELP threeds_stream_notify_lag_seconds From the source hearing of a new record to the record being written and flushed on a stream.\n# TYPE threeds_stream_notify_lag_seconds histogram\n")
 	writeHistogram(b, "threeds_stream_notify_lag_seconds", "", latencyBuckets[:], h.lag.counts[:], &h.lag.sum)
-	fmt.Fprintf(b, "# HELP threeds_listen_up 1 while the LISTEN session is up and proven to receive notifications.\n# TYPE threeds_listen_up gauge\nthreeds_listen_up %d\n", up)
-	fmt.Fprintf(b, "# HELP threeds_listen_reconnects_total LISTEN sessions re-established after one was lost.\n# TYPE threeds_listen_reconnects_total counter\nthreeds_listen_reconnects_total %d\n", h.reconnects.Load())
-	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session.\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
-	fmt.Fprintf(b, "# HELP threeds_listen_reads_total Record reads on the LISTEN session (snapshots, notification batches, resyncs); idle streams add none.\n# TYPE threeds_listen_reads_total counter\nthreeds_listen_reads_total %d\n", h.reads.Load())
+	fmt.Fprintf(b, "# HELP threeds_stream_source_up 1 while the stream source session is up and proven to receive new records.\n# TYPE threeds_stream_source_up gauge\nthreeds_stream_source_up{source=\"%s\"} %d\n", src, up)
+	fmt.Fprintf(b, "# HELP threeds_stream_source_reconnects_total Stream source sessions re-established after one was lost.\n# TYPE threeds_stream_source_reconnects_total counter\nthreeds_stream_source_reconnects_total{source=\"%s\"} %d\n", src, h.reconnects.Load())
+	fmt.Fprintf(b, "# HELP threeds_stream_source_reads_total Record reads for the streams (snapshots, new-record batches, resyncs); idle streams add none.\n# TYPE threeds_stream_source_reads_total counter\nthreeds_stream_source_reads_total{source=\"%s\"} %d\n", src, h.reads.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session (STREAM_SOURCE=notify).\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_bad_payloads_total Notifications whose payload was not <user_id>:<id> (ignored).\n# TYPE threeds_listen_bad_payloads_total counter\nthreeds_listen_bad_payloads_total %d\n", h.badPayloads.Load())
 }
 
 // labelValue escapes a label value as the text format requires: backslash,
