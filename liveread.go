@@ -157,12 +157,13 @@ func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn) (did bool, err
 			h.requestResync()
 			return true, err
 		}
+		// Ended first, so a stream whose read failed is not told ready.
+		h.endUsers(failed)
 		var ready []*stream
 		for _, uid := range batch {
 			ready = append(ready, byStream[uid]...)
 		}
 		h.deliver(ready, byUser)
-		h.endUsers(failed)
 	}
 	// Snapshot streams with no user in the read (none today) must not hang.
 	if len(users) == 0 {

@@ -388,12 +388,12 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 func TestStreamStaysUpOnALongHistoryWithALowQueryTimeout(t *testing.T) {
 	// The production shape scaled down (it used 1.2 M rows and a
 	// 100-150 ms DB_QUERY_TIMEOUT standing in for a production-size table).
-	const timeout = 150 * time.Millisecond
-	h := history{bigUser: 7, bigRows: 200000, firstUser: 10000, users: 2000, perUser: 50}
+	const timeout = 100 * time.Millisecond
+	h := history{bigUser: 7, bigRows: 300000, firstUser: 10000, users: 2000, perUser: 50}
 	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.queryTimeout = timeout }})
 	populate(t, svc.dsn, h)
 
-	t.Run("a user with 200,000 rows gets ready at once and another user's record still arrives", func(t *testing.T) {
+	t.Run("a user with 300,000 rows gets ready at once and another user's record still arrives", func(t *testing.T) {
 		began := time.Now()
 		big, snapshot := mustOpenStream(t, svc.URL, svc.tokenFor(t, h.bigUser))
 		took := time.Since(began)
