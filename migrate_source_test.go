@@ -516,7 +516,7 @@ func TestSchemaFileAppliedTwiceWithPsqlSucceedsAndAgreesWithMigrate(t *testing.T
 				t.Fatalf("migrate after psql: %v", err)
 			}
 			wantActions(t, logs, tc.trigger, tc.publication)
-			for _, object := range []string{"table threeds_records", "index threeds_records_user_page_idx", "function threeds_records_notify"} {
+			for _, object := range []string{"table threeds_records", "index threeds_records_user_page_idx", "index threeds_records_long_lived_idx", "function threeds_records_notify"} {
 				if got := actionsOf(logs)[object]; got != actionInPlace {
 					t.Errorf("migrate after psql logged %q for %s, want %q", got, object, actionInPlace)
 				}
