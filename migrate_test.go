@@ -794,10 +794,10 @@ func TestMigrateSchemaStepsAreTheContractsObjectsInOrder(t *testing.T) {
 	want := []string{
 		"table threeds_records on  when ",
 		"index threeds_records_user_page_idx on  when ",
-		"index threeds_records_long_lived_idx on  when ",
 		"function threeds_records_notify on  when ",
 		"trigger threeds_records_notify_insert on threeds_records when notify",
 		"publication threeds_records_events on threeds_records when wal",
+		"index threeds_records_long_lived_idx on  when ",
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("schema.sql steps %q, want %q", got, want)

@@ -27,7 +27,9 @@
 --   own commands (\if); migrate leaves them out.
 --
 -- Order matters: the trigger needs the table and the function; the
--- publication needs the table.
+-- publication needs the table. The second index comes last so that its
+-- build, which waits for every older transaction, never holds up the
+-- source's objects.
 
 -- migrate: table threeds_records
 CREATE TABLE IF NOT EXISTS threeds_records (
@@ -52,18 +54,6 @@ CREATE TABLE IF NOT EXISTS threeds_records (
 CREATE INDEX CONCURRENTLY IF NOT EXISTS threeds_records_user_page_idx
     ON threeds_records (user_id, received_at DESC, id DESC)
     INCLUDE (passcode, amount, currency, merchant_name, expires_after);
-
--- The event stream's snapshot and resync read only live records, per user
--- through two index ranges (liveread.go): rows received within the last day
--- through threeds_records_user_page_idx, and the rare long-lived ones
--- (expires_after over a day) through this partial index, which stays tiny
--- because a passcode lives minutes. The predicate's 86400 must stay the
--- literal in liveread.go's query (longLivedSeconds) for the planner to use it.
--- migrate: index threeds_records_long_lived_idx
-CREATE INDEX CONCURRENTLY IF NOT EXISTS threeds_records_long_lived_idx
-    ON threeds_records (user_id, received_at DESC, id DESC)
-    INCLUDE (passcode, amount, currency, merchant_name, expires_after)
-    WHERE expires_after > 86400;
 
 -- Tells the events stream (GET /3ds/my-records/events) that a record was
 -- stored. The payload is "<user_id>:<id>" in decimal and nothing else: any
@@ -119,3 +109,15 @@ BEGIN
 END
 $$;
 \endif
+
+-- The event stream's snapshot and resync read only live records, per user
+-- through two index ranges (liveread.go): rows received within the last day
+-- through threeds_records_user_page_idx, and the rare long-lived ones
+-- (expires_after over a day) through this partial index, which stays tiny
+-- because a passcode lives minutes. The predicate's 86400 must stay the
+-- literal in liveread.go's query (longLivedSeconds) for the planner to use it.
+-- migrate: index threeds_records_long_lived_idx
+CREATE INDEX CONCURRENTLY IF NOT EXISTS threeds_records_long_lived_idx
+    ON threeds_records (user_id, received_at DESC, id DESC)
+    INCLUDE (passcode, amount, currency, merchant_name, expires_after)
+    WHERE expires_after > 86400;
