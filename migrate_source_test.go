@@ -272,6 +272,30 @@ CREATE PUBLICATION threeds_records_events FOR TABLE other WITH (publish = 'inser
 	}
 }
 
+func TestMigrateInstallsATriggerThatNeverFailsTheWritersInsert(t *testing.T) {
+	t.Parallel()
+	dsn := newTestDB(t)
+	writer := connectTest(t, dsn)
+	// Rows the contract does not forbid; the trigger's WHEN is evaluated for
+	// each, and an error there would fail the writer's INSERT.
+	for _, tc := range []struct{ name, receivedAt, expiresAfter string }{
+		{"a received_at near the end of the timestamp range with the longest expiry", "294276-12-31 23:59:59Z", "2147483647"},
+		{"the most negative expiry", "2026-01-01Z", "-2147483648"},
+		{"a received_at of infinity", "infinity", "300"},
+		{"a received_at of -infinity", "-infinity", "300"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if _, err := writer.Exec(ctx, `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
+VALUES (9, '000000', 1, 'USD', $1::int, $2::timestamptz)`, tc.expiresAfter, tc.receivedAt); err != nil {
+				t.Errorf("insert with the trigger in place: %v", err)
+			}
+		})
+	}
+}
+
 func TestMigrateChangesTheTriggerBehindAnOpenWriterTransactionHoldingInsertsUpOnlyForLockTimeout(t *testing.T) {
 	// Not parallel: it times inserts.
 	cases := []struct{ name, source, setup, action string }{

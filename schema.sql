@@ -73,7 +73,10 @@ $$;
 -- The notify source. The WHEN skips rows that are no longer live (the
 -- contract's "received_at + expires_after later than now"): a backfill of old,
 -- expired records queues no notification, and so takes no NOTIFY lock at
--- commit. now() is the inserting transaction's start.
+-- commit. now() is the inserting transaction's start. Written with now() on
+-- the right, because received_at + expires_after can leave the timestamp
+-- range (a received_at far in the future) and an error here would fail the
+-- writer's INSERT; now() minus at most 68 years cannot.
 -- CREATE (OR REPLACE) TRIGGER and ENABLE TRIGGER lock the table in SHARE ROW
 -- EXCLUSIVE mode, and DROP TRIGGER in ACCESS EXCLUSIVE mode: INSERTs wait for
 -- both (and reads for the second), so migrate issues them only when the
@@ -88,7 +91,7 @@ BEGIN
     CREATE OR REPLACE TRIGGER threeds_records_notify_insert
         AFTER INSERT ON threeds_records
         FOR EACH ROW
-        WHEN (NEW.received_at + NEW.expires_after * interval '1 second' > now())
+        WHEN (NEW.received_at > now() - NEW.expires_after * interval '1 second')
         EXECUTE FUNCTION threeds_records_notify();
 END
 $$;
