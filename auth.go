@@ -1,8 +1,9 @@
 // auth.go owns verifying a bearer token and answering HTTP for it: the
 // Authorization header (RFC 6750), the header policy jwx leaves open
-// (compact only, alg, kid, crit), the signature and registered claims
-// through jwx's jwt.Parse, the checks jwx does not make (repeated claims,
-// NumericDate ranges, the user id), and the 401/503 answers. The key set it
+// (compact only, alg, kid, crit), the signature (jwx's jws.Verify) and the
+// registered claims (jwx's jwt.Validate), the checks jwx does not make
+// (repeated claims, NumericDate syntax and range, the user id), and the
+// 401/503 answers. The key set it
 // verifies against is keys.go's; the cache of verified tokens is
 // tokencache.go's.
 package main
@@ -195,7 +196,7 @@ func (v *Verifier) verifyUncached(ctx context.Context, kr *keyring, token string
 // checkHeader applies the header rules jwx leaves to its caller and returns
 // the header. Only the compact serialization is accepted: three base64url
 // segments, no padding (the JSON serialization, with several signatures or
-// unprotected headers, and JWE never reach jwt.Parse).
+// unprotected headers, and JWE never reach jws.Verify).
 func checkHeader(token string) (joseHeader, error) {
 	var hdr joseHeader
 	headerPart, ok := compactHeader(token)

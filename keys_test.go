@@ -210,3 +210,66 @@ func TestAStreamEndsWithKeyRemovedWhenItsKeyIsReplacedUnderTheSameKid(t *testing
 	// A token from the replacement opens a stream as usual.
 	mustOpenStream(t, svc.URL, replacement.token(t, validClaims(1001)))
 }
+
+// An unknown kid waits for the forced refresh at most unknownKidWait, and at
+// most maxUnknownKidWaiters wait at once (the rest are refused at once);
+// the fetch they started goes on without them and installs the rotated key.
+// Before, every one of them waited for the fetch itself, up to its timeout.
+func TestUnknownKidsWaitAtMostASecondAndNoMoreThanTheCapAtOnce(t *testing.T) {
+	f := newRotationFixture(t, time.Second)
+	release := f.idp.hold() // the identity provider does not answer for now
+	t.Cleanup(release)
+	before := f.idp.hits.Load()
+	token := f.rotated.token(t, validClaims("42")) // its kid is not published yet
+
+	type answer struct {
+		code int
+		took time.Duration
+	}
+	const n = maxUnknownKidWaiters + 100
+	answers := make(chan answer, n)
+	for range n {
+		go func() {
+			start := time.Now()
+			code := callWith(f.v, "/", "Bearer "+token).Code
+			answers <- answer{code, time.Since(start)}
+		}()
+	}
+	var atOnce int
+	var slowest time.Duration
+	for range n {
+		select {
+		case a := <-answers:
+			if a.code != http.StatusUnauthorized {
+				t.Fatalf("a request naming an unknown kid got %d, want 401", a.code)
+			}
+			if a.took < unknownKidWait/2 {
+				atOnce++
+			}
+			slowest = max(slowest, a.took)
+		case <-time.After(10 * time.Second):
+			t.Fatal("a request naming an unknown kid never returned")
+		}
+	}
+	t.Logf("%d requests: %d refused at once, the slowest after %s", n, atOnce, slowest.Round(time.Millisecond))
+	if slowest > unknownKidWait+200*time.Millisecond {
+		t.Errorf("a request waited %s for the forced refresh, want at most %s", slowest, unknownKidWait)
+	}
+	if atOnce < n-maxUnknownKidWaiters {
+		t.Errorf("%d requests were refused at once, want at least the %d over the cap of %d waiters", atOnce, n-maxUnknownKidWaiters, maxUnknownKidWaiters)
+	}
+
+	// The fetch they started is still held by the identity provider; when
+	// it answers, its set is installed without another fetch.
+	f.publishRotation(t)
+	release()
+	waitFor(t, 5*time.Second, "the rotated key from the fetch the waiters started", func() bool {
+		return f.v.KeyCount() == 2
+	})
+	if code := callWith(f.v, "/", "Bearer "+token).Code; code != http.StatusOK {
+		t.Errorf("the rotated key's token got %d after the fetch ended, want 200", code)
+	}
+	if hits := f.idp.hits.Load() - before; hits != 1 {
+		t.Errorf("%d JWKS fetches, want 1: the one the first unknown kid started", hits)
+	}
+}
