@@ -56,7 +56,7 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
 	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
 	// their own (STREAMS_MAX, STREAMS_PER_USER).
-	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
+	s.mux.Handle("GET /3ds/my-records/events", s.eventsHandler())
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)

@@ -8,9 +8,10 @@ package main
 // (takeSnapshots) and hands it what it read or heard (deliver).
 
 import (
+	"cmp"
 	"context"
 	"log/slog"
-	"strconv"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -24,10 +25,11 @@ const (
 	// client reconnects and gets the live snapshot again.
 	streamBuffer = 8
 
-	// sentGrace keeps a sent id a while past its expiry before forgetting
-	// it, so a database clock ahead of ours cannot make an expired record
-	// look new again.
-	sentGrace = 60
+	// maxHeld bounds the live records held for a stream whose snapshot is
+	// still being read. A snapshot that takes so long that more arrive than
+	// this ends the stream as unavailable (its client reconnects) rather
+	// than let it hold memory.
+	maxHeld = 1024
 )
 
 // sourceState is where the source session stands.
@@ -51,10 +53,11 @@ const (
 	endClientGone
 	endSlowConsumer
 	endUnavailable
+	endReplaced // a newer stream of the same user took its place (STREAMS_PER_USER)
 	numEndReasons
 )
 
-var endReasonNames = [numEndReasons]string{"token_expired", "key_removed", "shutting_down", "client_gone", "slow_consumer", "unavailable"}
+var endReasonNames = [numEndReasons]string{"token_expired", "key_removed", "shutting_down", "client_gone", "slow_consumer", "unavailable", "replaced"}
 
 func (r endReason) String() string { return endReasonNames[r] }
 
@@ -134,10 +137,13 @@ type frame struct {
 	data     []byte    // "event: record\nid: ...\ndata: ...\n\n"
 }
 
-// delivery is one batch for one stream; ready marks the end of its snapshot.
+// delivery is one batch for one stream, written in this order: frames,
+// then ready if it ends the snapshot, then after (the live records that
+// arrived while the snapshot was being read).
 type delivery struct {
 	frames []*frame
 	ready  bool
+	after  []*frame
 }
 
 // stream is one open event stream as the hub sees it.
@@ -149,9 +155,10 @@ type stream struct {
 
 	// Guarded by hub.mu.
 	reason endReason
-	ready  bool            // its snapshot has been delivered
-	gone   bool            // unsubscribed or kicked
-	sent   map[int64]int64 // id -> expiry (unix s) of every record handed to it
+	ready  bool     // its snapshot has been delivered
+	gone   bool     // unsubscribed or kicked
+	held   []*frame // live records that came before its snapshot
+	sent   sentSet  // what it has been handed
 }
 
 // streamRefusal is a subscription the hub turned down, as the HTTP answer.
@@ -234,6 +241,9 @@ func (h *hub) shutdown() {
 // subscribe registers a stream for userID and asks the source for its
 // snapshot. Subscribing first and reading second is what keeps a record
 // committed around the moment of connecting from falling between the two.
+// A user at STREAMS_PER_USER gets the stream anyway: the oldest one ends
+// with replaced, so a phone whose old connections vanished or were
+// suspended is never locked out by them.
 func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -245,13 +255,12 @@ func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
 	if h.state != sourceUp {
 		return nil, h.notUpLocked()
 	}
+	for len(h.users[userID]) >= h.cfg.perUser {
+		h.kickLocked(h.users[userID][0], endReplaced)
+	}
 	if h.open >= h.cfg.maxStreams {
 		return nil, &streamRefusal{503, "unavailable",
 			"this instance has reached its limit of open event streams (STREAMS_MAX); retry shortly", 5}
-	}
-	if len(h.users[userID]) >= h.cfg.perUser {
-		return nil, &streamRefusal{429, "too_many_streams",
-			"this user already has " + strconv.Itoa(h.cfg.perUser) + " open event streams; close one before opening another", 5}
 	}
 	st := &stream{userID: userID, ch: make(chan delivery, streamBuffer)}
 	h.users[userID] = append(h.users[userID], st)
@@ -263,21 +272,6 @@ func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
 
 var refuseShuttingDown = &streamRefusal{503, "unavailable",
 	"the service is shutting down; reconnect to receive live updates from another instance", 1}
-
-// available is subscribe's verdict without subscribing (HEAD).
-func (h *hub) available() *streamRefusal {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	select {
-	case <-h.closing:
-		return refuseShuttingDown
-	default:
-	}
-	if h.state != sourceUp {
-		return h.notUpLocked()
-	}
-	return nil
-}
 
 // notUpLocked is the 503 while the source is not up: retry soon while it
 // (re)connects, later when the configuration has to change.
@@ -296,21 +290,17 @@ func (h *hub) unsubscribe(st *stream) {
 	h.removeLocked(st)
 }
 
+// removeLocked takes st out of the registry. A user's list stays in
+// subscription order: its first stream is the oldest, the one a new stream
+// over the limit replaces.
 func (h *hub) removeLocked(st *stream) {
 	if st.gone {
 		return
 	}
 	st.gone = true
+	st.held = nil
 	h.open--
-	list := h.users[st.userID]
-	for i, s := range list {
-		if s == st {
-			list[i] = list[len(list)-1]
-			list[len(list)-1] = nil
-			list = list[:len(list)-1]
-			break
-		}
-	}
+	list := slices.DeleteFunc(h.users[st.userID], func(s *stream) bool { return s == st })
 	if len(list) == 0 {
 		delete(h.users, st.userID)
 	} else {
@@ -423,20 +413,23 @@ func (h *hub) streamed(userID int64) bool {
 	return len(h.users[userID]) > 0
 }
 
-// deliver hands records to the streams: ready streams of each record's user
-// get what they have not been sent; each snapshot stream gets all its
-// user's records and then ready. Streams still waiting for a snapshot that
-// is not part of this read get nothing: their snapshot starts later and
-// will see these records, which were committed before the source heard of
-// them.
+// deliver hands records to the streams. A ready stream of a record's user
+// gets what it has not been sent. A stream still waiting for its snapshot
+// holds them: the snapshot read may have started before they were committed
+// (the wal source reads snapshots on another connection while it decodes),
+// so they are handed over right after its snapshot and ready, less what the
+// snapshot already had. Each stream in snap gets its user's records, ready,
+// and what it held.
 func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
-	now := time.Now().Unix()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for uid, frames := range byUser {
-		for _, st := range append([]*stream(nil), h.users[uid]...) {
+		// A copy: sending may kick a stream out of the list.
+		for _, st := range slices.Clone(h.users[uid]) {
 			if st.ready {
-				h.sendLocked(st, frames, false, now)
+				h.sendLocked(st, delivery{frames: st.sent.unsent(frames)})
+			} else {
+				h.holdLocked(st, frames)
 			}
 		}
 	}
@@ -444,36 +437,81 @@ func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
 		if st.gone {
 			continue
 		}
+		if st.ready {
+			// A second snapshot of a stream already served (a resync
+			// that overlapped its first read): only what is new to it.
+			h.sendLocked(st, delivery{frames: st.sent.unsent(byUser[st.userID])})
+			continue
+		}
 		st.ready = true
-		h.sendLocked(st, byUser[st.userID], true, now)
+		d := delivery{frames: st.sent.unsent(byUser[st.userID]), ready: true}
+		d.after = st.sent.unsent(st.held)
+		st.held = nil
+		h.sendLocked(st, d)
 	}
 }
 
-// sendLocked queues the frames st has not had yet. A stream whose queue is
-// full has stopped reading: it is ended rather than allowed to hold memory.
-func (h *hub) sendLocked(st *stream, frames []*frame, ready bool, now int64) {
-	for id, exp := range st.sent {
-		if exp+sentGrace < now {
-			delete(st.sent, id)
-		}
+// holdLocked keeps live records for a stream whose snapshot is being read.
+func (h *hub) holdLocked(st *stream, frames []*frame) {
+	if len(st.held)+len(frames) > maxHeld {
+		h.kickLocked(st, endUnavailable)
+		return
 	}
-	var out []*frame
-	for _, f := range frames {
-		if _, dup := st.sent[f.id]; dup {
-			continue
-		}
-		if st.sent == nil {
-			st.sent = make(map[int64]int64)
-		}
-		st.sent[f.id] = f.expires
-		out = append(out, f)
-	}
-	if len(out) == 0 && !ready {
+	st.held = append(st.held, frames...)
+}
+
+// sendLocked queues a batch. A stream whose queue is full has stopped
+// reading: it is ended rather than allowed to hold memory.
+func (h *hub) sendLocked(st *stream, d delivery) {
+	if len(d.frames) == 0 && len(d.after) == 0 && !d.ready {
 		return
 	}
 	select {
-	case st.ch <- delivery{frames: out, ready: ready}:
+	case st.ch <- d:
 	default:
 		h.kickLocked(st, endSlowConsumer)
+	}
+}
+
+// sentSet is the ids handed to one stream, with their expiry (unix s), so
+// that none is sent twice. Forgetting is not keyed on any clock: the
+// database's now() decides what a read returns, and a service clock that
+// disagrees with it would forget an id the next resync still returns. It
+// forgets only when it grows past sentCap, and then the half that expires
+// first: an id forgotten so can come back only if every id kept is live
+// too, that is with more than sentCap/2 live records of one user at once.
+type sentSet map[int64]int64
+
+const sentCap = 4096
+
+// unsent returns the frames not sent yet and records them as sent.
+func (s *sentSet) unsent(frames []*frame) []*frame {
+	var out []*frame
+	for _, f := range frames {
+		if _, dup := (*s)[f.id]; dup {
+			continue
+		}
+		if *s == nil {
+			*s = make(sentSet)
+		}
+		(*s)[f.id] = f.expires
+		out = append(out, f)
+	}
+	if len(*s) > sentCap {
+		s.forgetEarliest()
+	}
+	return out
+}
+
+// forgetEarliest drops the half of the set that expires first.
+func (s *sentSet) forgetEarliest() {
+	type entry struct{ id, expires int64 }
+	all := make([]entry, 0, len(*s))
+	for id, exp := range *s {
+		all = append(all, entry{id, exp})
+	}
+	slices.SortFunc(all, func(a, b entry) int { return cmp.Compare(a.expires, b.expires) })
+	for _, e := range all[:len(all)/2] {
+		delete(*s, e.id)
 	}
 }
