@@ -56,7 +56,11 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
 	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
 	// their own (STREAMS_MAX, STREAMS_PER_USER).
+	// Only GET: the pattern without a method sends every other method to
+	// the same handler, which answers 405 with Allow: GET (the mux would
+	// allow HEAD too).
 	s.mux.Handle("GET /3ds/my-records/events", s.eventsHandler())
+	s.mux.Handle("/3ds/my-records/events", s.eventsHandler())
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)
