@@ -10,13 +10,9 @@ package main
 import (
 	"cmp"
 	"context"
-	"log/slog"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 const (
@@ -30,16 +26,6 @@ const (
 	// this ends the stream as unavailable (its client reconnects) rather
 	// than let it hold memory.
 	maxHeld = 1024
-)
-
-// sourceState is where the source session stands.
-type sourceState int
-
-const (
-	sourceConnecting  sourceState = iota // never up yet
-	sourceUp                             // subscribed, new records proven to arrive
-	sourceDown                           // was up or never got there; retrying
-	sourceUnavailable                    // cannot work where DATABASE_LISTEN_URL points; retrying slowly
 )
 
 // endReason is why a stream ended: a metrics label and, for the ones the
@@ -60,73 +46,6 @@ const (
 var endReasonNames = [numEndReasons]string{"token_expired", "key_removed", "shutting_down", "client_gone", "slow_consumer", "unavailable", "replaced"}
 
 func (r endReason) String() string { return endReasonNames[r] }
-
-// eventType labels the events counter.
-type eventType int
-
-const (
-	eventRecord eventType = iota
-	eventReady
-	eventEnd
-	eventPing
-	numEventTypes
-)
-
-var eventTypeNames = [numEventTypes]string{"record", "ready", "end", "ping"}
-
-// Where new records come from (STREAM_SOURCE).
-const (
-	sourceNotify = "notify"
-	sourceWAL    = "wal"
-)
-
-// hubConfig is what the source and the streams need from the configuration.
-type hubConfig struct {
-	source       string          // STREAM_SOURCE: sourceNotify (default) or sourceWAL
-	conn         *pgx.ConnConfig // DATABASE_LISTEN_URL
-	maxStreams   int             // STREAMS_MAX
-	perUser      int             // STREAMS_PER_USER
-	heartbeat    time.Duration   // STREAM_HEARTBEAT
-	queryTimeout time.Duration   // bound of one read on the session
-
-	// probeTimeout bounds the wait for the self-probe after LISTEN; retryMin
-	// and retryMax bound the backoff between attempts after a transient
-	// failure, unavailableRetry the wait when the source cannot work there.
-	probeTimeout     time.Duration
-	retryMin         time.Duration
-	retryMax         time.Duration
-	unavailableRetry time.Duration
-}
-
-func (c *hubConfig) setDefaults() {
-	if c.source == "" {
-		c.source = sourceNotify
-	}
-	if c.maxStreams <= 0 {
-		c.maxStreams = 10000
-	}
-	if c.perUser <= 0 {
-		c.perUser = 5
-	}
-	if c.heartbeat <= 0 {
-		c.heartbeat = 15 * time.Second
-	}
-	if c.queryTimeout <= 0 {
-		c.queryTimeout = 10 * time.Second
-	}
-	if c.probeTimeout <= 0 {
-		c.probeTimeout = 5 * time.Second
-	}
-	if c.retryMin <= 0 {
-		c.retryMin = 100 * time.Millisecond
-	}
-	if c.retryMax <= 0 {
-		c.retryMax = 5 * time.Second
-	}
-	if c.unavailableRetry <= 0 {
-		c.unavailableRetry = 30 * time.Second
-	}
-}
 
 // frame is one record event, encoded once and shared by every stream it
 // goes to.
@@ -169,11 +88,11 @@ type streamRefusal struct {
 	retryAfter int // seconds
 }
 
-// hub owns the registry of open streams and runs the source that feeds it.
-type hub struct {
-	cfg    hubConfig
-	logger *slog.Logger
-	src    recordSource
+// registry is who is subscribed: a user's streams in subscription order,
+// the streams waiting for a snapshot, and the source's state for the 503s.
+type registry struct {
+	maxStreams int // STREAMS_MAX
+	perUser    int // STREAMS_PER_USER
 
 	mu      sync.Mutex
 	users   map[int64][]*stream
@@ -184,58 +103,13 @@ type hub struct {
 	state   sourceState
 	why     string // details for a 503 while not up
 
-	closing   chan struct{} // closed at shutdown: every stream ends at once
+	closing   chan struct{} // closed when draining starts: every stream ends at once
 	closeOnce sync.Once
-	stopOnce  sync.Once
-	cancel    context.CancelFunc
-	done      chan struct{}
-
-	events        [numEventTypes]atomic.Int64
-	ends          [numEndReasons]atomic.Int64
-	lag           histogram
-	reconnects    atomic.Int64
-	reads         atomic.Int64
-	notifications atomic.Int64
-	badPayloads   atomic.Int64
 }
 
-func newHub(cfg hubConfig, logger *slog.Logger) *hub {
-	cfg.setDefaults()
-	h := &hub{
-		cfg:     cfg,
-		logger:  logger,
-		users:   make(map[int64][]*stream),
-		closing: make(chan struct{}),
-		done:    make(chan struct{}),
-		why:     "live updates are starting; retry shortly",
-	}
-	h.src = newSource(h)
-	return h
-}
-
-// start runs the source until stop.
-func (h *hub) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	h.cancel = cancel
-	go h.run(ctx)
-}
-
-// stop ends the source and waits for it; streams are left alone.
-func (h *hub) stop() {
-	h.stopOnce.Do(func() {
-		if h.cancel != nil {
-			h.cancel()
-			<-h.done
-		}
-	})
-}
-
-// shutdown ends every stream with shutting_down at once, refuses new ones,
-// and stops the source. The streams do not wait for the drain: their
-// clients should reconnect to another replica now.
-func (h *hub) shutdown() {
-	h.closeOnce.Do(func() { close(h.closing) })
-	h.stop()
+// closeAll ends every stream with shutting_down and refuses new ones.
+func (r *registry) closeAll() {
+	r.closeOnce.Do(func() { close(r.closing) })
 }
 
 // subscribe registers a stream for userID and asks the source for its
@@ -244,29 +118,29 @@ func (h *hub) shutdown() {
 // A user at STREAMS_PER_USER gets the stream anyway: the oldest one ends
 // with replaced, so a phone whose old connections vanished or were
 // suspended is never locked out by them.
-func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+func (r *registry) subscribe(userID int64) (*stream, *streamRefusal) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	select {
-	case <-h.closing:
+	case <-r.closing:
 		return nil, refuseShuttingDown
 	default:
 	}
-	if h.state != sourceUp {
-		return nil, h.notUpLocked()
+	if r.state != sourceUp {
+		return nil, r.notUpLocked()
 	}
-	for len(h.users[userID]) >= h.cfg.perUser {
-		h.kickLocked(h.users[userID][0], endReplaced)
+	for len(r.users[userID]) >= r.perUser {
+		r.kickLocked(r.users[userID][0], endReplaced)
 	}
-	if h.open >= h.cfg.maxStreams {
+	if r.open >= r.maxStreams {
 		return nil, &streamRefusal{503, "unavailable",
 			"this instance has reached its limit of open event streams (STREAMS_MAX); retry shortly", 5}
 	}
 	st := &stream{userID: userID, ch: make(chan delivery, streamBuffer)}
-	h.users[userID] = append(h.users[userID], st)
-	h.open++
-	h.pending = append(h.pending, st)
-	h.wakeLocked()
+	r.users[userID] = append(r.users[userID], st)
+	r.open++
+	r.pending = append(r.pending, st)
+	r.wakeLocked()
 	return st, nil
 }
 
@@ -275,68 +149,68 @@ var refuseShuttingDown = &streamRefusal{503, "unavailable",
 
 // notUpLocked is the 503 while the source is not up: retry soon while it
 // (re)connects, later when the configuration has to change.
-func (h *hub) notUpLocked() *streamRefusal {
+func (r *registry) notUpLocked() *streamRefusal {
 	retry := 2
-	if h.state == sourceUnavailable {
+	if r.state == sourceUnavailable {
 		retry = 30
 	}
-	return &streamRefusal{503, "unavailable", h.why, retry}
+	return &streamRefusal{503, "unavailable", r.why, retry}
 }
 
 // unsubscribe forgets a stream; safe to call after the hub kicked it.
-func (h *hub) unsubscribe(st *stream) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.removeLocked(st)
+func (r *registry) unsubscribe(st *stream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.removeLocked(st)
 }
 
 // removeLocked takes st out of the registry. A user's list stays in
 // subscription order: its first stream is the oldest, the one a new stream
 // over the limit replaces.
-func (h *hub) removeLocked(st *stream) {
+func (r *registry) removeLocked(st *stream) {
 	if st.gone {
 		return
 	}
 	st.gone = true
 	st.held = nil
-	h.open--
-	list := slices.DeleteFunc(h.users[st.userID], func(s *stream) bool { return s == st })
+	r.open--
+	list := slices.DeleteFunc(r.users[st.userID], func(s *stream) bool { return s == st })
 	if len(list) == 0 {
-		delete(h.users, st.userID)
+		delete(r.users, st.userID)
 	} else {
-		h.users[st.userID] = list
+		r.users[st.userID] = list
 	}
 }
 
 // kickLocked ends a stream from the hub's side.
-func (h *hub) kickLocked(st *stream, why endReason) {
+func (r *registry) kickLocked(st *stream, why endReason) {
 	if st.gone {
 		return
 	}
 	st.reason = why
-	h.removeLocked(st)
+	r.removeLocked(st)
 	close(st.ch)
 }
 
-func (h *hub) wakeLocked() {
-	if h.wake != nil {
-		h.wake()
-		h.wake = nil
+func (r *registry) wakeLocked() {
+	if r.wake != nil {
+		r.wake()
+		r.wake = nil
 	}
 }
 
 // openStreams is the gauge.
-func (h *hub) openStreams() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.open
+func (r *registry) openStreams() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.open
 }
 
 // listening reports whether the source is up (the name predates STREAM_SOURCE).
-func (h *hub) listening() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.state == sourceUp
+func (r *registry) listening() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state == sourceUp
 }
 
 // --- what a source calls ---
@@ -344,45 +218,45 @@ func (h *hub) listening() bool {
 // waitForWork returns a context that is cancelled when a stream subscribes,
 // so a source blocked on its session wakes to read the snapshot; busy is
 // true when there is already something to read (then no context is armed).
-func (h *hub) waitForWork(ctx context.Context) (wctx context.Context, cancel context.CancelFunc, busy bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.resync || len(h.pending) > 0 {
+func (r *registry) waitForWork(ctx context.Context) (wctx context.Context, cancel context.CancelFunc, busy bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.resync || len(r.pending) > 0 {
 		return nil, nil, true
 	}
 	wctx, cancel = context.WithCancel(ctx)
-	h.wake = cancel
+	r.wake = cancel
 	return wctx, cancel, false
 }
 
 // doneWaiting disarms waitForWork's context.
-func (h *hub) doneWaiting() {
-	h.mu.Lock()
-	h.wake = nil
-	h.mu.Unlock()
+func (r *registry) doneWaiting() {
+	r.mu.Lock()
+	r.wake = nil
+	r.mu.Unlock()
 }
 
 // requestResync makes the next snapshot read cover every open stream: what
 // a source calls once it is subscribed again after a gap.
-func (h *hub) requestResync() {
-	h.mu.Lock()
-	h.resync = true
-	h.mu.Unlock()
+func (r *registry) requestResync() {
+	r.mu.Lock()
+	r.resync = true
+	r.mu.Unlock()
 }
 
 // takeSnapshots says which users' live records the next read must cover and
 // which streams that read completes (their snapshot). After a resync
 // request that is every user with an open stream.
-func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.resync && len(h.pending) == 0 {
+func (r *registry) takeSnapshots() (users []int64, snap []*stream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.resync && len(r.pending) == 0 {
 		return nil, nil
 	}
 	userSet := make(map[int64]struct{})
-	if h.resync {
-		h.resync = false
-		for uid, list := range h.users {
+	if r.resync {
+		r.resync = false
+		for uid, list := range r.users {
 			userSet[uid] = struct{}{}
 			for _, st := range list {
 				if !st.ready {
@@ -391,15 +265,15 @@ func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
 			}
 		}
 	} else {
-		for _, st := range h.pending {
+		for _, st := range r.pending {
 			if !st.gone {
 				snap = append(snap, st)
 				userSet[st.userID] = struct{}{}
 			}
 		}
 	}
-	clear(h.pending)
-	h.pending = h.pending[:0]
+	clear(r.pending)
+	r.pending = r.pending[:0]
 	for uid := range userSet {
 		users = append(users, uid)
 	}
@@ -407,10 +281,10 @@ func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
 }
 
 // streamed reports whether userID has an open stream.
-func (h *hub) streamed(userID int64) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.users[userID]) > 0
+func (r *registry) streamed(userID int64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.users[userID]) > 0
 }
 
 // deliver hands records to the streams. A ready stream of a record's user
@@ -420,16 +294,16 @@ func (h *hub) streamed(userID int64) bool {
 // so they are handed over right after its snapshot and ready, less what the
 // snapshot already had. Each stream in snap gets its user's records, ready,
 // and what it held.
-func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+func (r *registry) deliver(snap []*stream, byUser map[int64][]*frame) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for uid, frames := range byUser {
 		// A copy: sending may kick a stream out of the list.
-		for _, st := range slices.Clone(h.users[uid]) {
+		for _, st := range slices.Clone(r.users[uid]) {
 			if st.ready {
-				h.sendLocked(st, delivery{frames: st.sent.unsent(frames)})
+				r.sendLocked(st, delivery{frames: st.sent.unsent(frames)})
 			} else {
-				h.holdLocked(st, frames)
+				r.holdLocked(st, frames)
 			}
 		}
 	}
@@ -440,21 +314,21 @@ func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
 		if st.ready {
 			// A second snapshot of a stream already served (a resync
 			// that overlapped its first read): only what is new to it.
-			h.sendLocked(st, delivery{frames: st.sent.unsent(byUser[st.userID])})
+			r.sendLocked(st, delivery{frames: st.sent.unsent(byUser[st.userID])})
 			continue
 		}
 		st.ready = true
 		d := delivery{frames: st.sent.unsent(byUser[st.userID]), ready: true}
 		d.after = st.sent.unsent(st.held)
 		st.held = nil
-		h.sendLocked(st, d)
+		r.sendLocked(st, d)
 	}
 }
 
 // holdLocked keeps live records for a stream whose snapshot is being read.
-func (h *hub) holdLocked(st *stream, frames []*frame) {
+func (r *registry) holdLocked(st *stream, frames []*frame) {
 	if len(st.held)+len(frames) > maxHeld {
-		h.kickLocked(st, endUnavailable)
+		r.kickLocked(st, endUnavailable)
 		return
 	}
 	st.held = append(st.held, frames...)
@@ -462,14 +336,14 @@ func (h *hub) holdLocked(st *stream, frames []*frame) {
 
 // sendLocked queues a batch. A stream whose queue is full has stopped
 // reading: it is ended rather than allowed to hold memory.
-func (h *hub) sendLocked(st *stream, d delivery) {
+func (r *registry) sendLocked(st *stream, d delivery) {
 	if len(d.frames) == 0 && len(d.after) == 0 && !d.ready {
 		return
 	}
 	select {
 	case st.ch <- d:
 	default:
-		h.kickLocked(st, endSlowConsumer)
+		r.kickLocked(st, endSlowConsumer)
 	}
 }
 
