@@ -141,7 +141,7 @@ func TestAReconnectWithLastEventIDGetsTheLiveSnapshotAgain(t *testing.T) {
 
 // The listener serve() uses: every accepted connection carries the peer
 // timeout (TCP_USER_TIMEOUT) and keepalive, read back from the socket.
-func TestAcceptedConnectionsCarryThePeerTimeout(t *testing.T) {
+func TestAcceptedConnectionsCarryThePeerTimeoutThatEndsVanishedStreams(t *testing.T) {
 	ln, err := listenTCP(context.Background(), "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

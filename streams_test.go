@@ -58,7 +58,7 @@ func wire(st *stream) []string {
 	}
 }
 
-func TestRecordsDeliveredWhileASnapshotIsReadAreHandedOverAfterReadyExactlyOnce(t *testing.T) {
+func TestStreamRecordsDeliveredWhileItsSnapshotIsReadAreHandedOverAfterReadyExactlyOnce(t *testing.T) {
 	live := time.Now().Add(time.Hour).Unix()
 	f1, f2, f3 := testFrame(1, live), testFrame(2, live), testFrame(3, live)
 	for _, tc := range []struct {
@@ -124,7 +124,7 @@ func TestAStreamWhoseSnapshotTakesTooLongIsEndedRatherThanHoldingMemory(t *testi
 // may be minutes off. Here the database is two minutes behind: a record
 // that expired 90 s ago by the service's clock is live to the database,
 // and the resync after a reconnect returns it again.
-func TestASentRecordIsNotSentAgainWhenTheServiceClockIsAheadOfTheDatabases(t *testing.T) {
+func TestStreamNeverGetsASentRecordAgainWhenTheServiceClockIsAheadOfTheDatabases(t *testing.T) {
 	h := upHub(t, 5)
 	st := mustSubscribe(t, h, 7)
 	_, snap := h.takeSnapshots()
@@ -143,7 +143,7 @@ func TestASentRecordIsNotSentAgainWhenTheServiceClockIsAheadOfTheDatabases(t *te
 	}
 }
 
-func TestSentIdsAreForgottenOnlyPastTheCapEarliestExpiryFirst(t *testing.T) {
+func TestStreamSentIdsAreForgottenOnlyPastTheCapEarliestExpiryFirst(t *testing.T) {
 	var s sentSet
 	base := time.Now().Unix()
 	for id := range int64(sentCap + 1) {
@@ -191,7 +191,7 @@ func TestANewStreamOverThePerUserLimitReplacesTheOldest(t *testing.T) {
 	}
 }
 
-func TestReplacingFreesAPlaceUnderStreamsMaxToo(t *testing.T) {
+func TestStreamReplacementFreesAPlaceUnderStreamsMaxToo(t *testing.T) {
 	h := newHub(hubConfig{perUser: 1, maxStreams: 2}, discardLogger())
 	h.state = sourceUp
 	mustSubscribe(t, h, 7)
