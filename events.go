@@ -50,12 +50,18 @@ func (s *server) eventsHandler() http.Handler {
 	authed := s.verifier.Middleware(http.HandlerFunc(s.handleEvents))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet {
-			w.Header().Set("Allow", http.MethodGet)
-			writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", r.Method+" is not allowed here; allowed: GET")
+			refuseMethod(w, r)
 			return
 		}
 		authed.ServeHTTP(w, r)
 	})
+}
+
+// refuseMethod is the stream's 405 for any method but GET (the server's
+// route sends them here too).
+func refuseMethod(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Allow", http.MethodGet)
+	writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", r.Method+" is not allowed here; allowed: GET")
 }
 
 // handleEvents is wrapped by the verifier's middleware: a missing or bad
