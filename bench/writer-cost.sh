@@ -16,8 +16,9 @@
 # one stream per user is open (tools/streamcount) and every record inserted must
 # reach it (counted; the bench waits up to 60 s for the stragglers). Each source's
 # ratio is its insert rate over the baseline's of the same round and client count;
-# rounds alternate the order of the sources. Primary CPU per row: the source's
-# backend (the LISTEN session, or the WAL sender) from /proc, 10 ms ticks.
+# rounds alternate the order of the sources. CPU per row from /proc (10 ms
+# ticks): the source's backend on the primary (the LISTEN session, or the WAL
+# sender) and the service, which share the machine with the writer.
 # A source the binary cannot serve (a build without the wal source) is reported
 # missing and the others still run. A throwaway cluster (scripts/pg.sh) is
 # started and removed; nothing else runs.
@@ -125,7 +126,7 @@ wait_delivered() {
 	done
 }
 
-declare -A rate cpu delivered missing
+declare -A rate cpu svc delivered missing
 echo "durable cluster: fsync=$(psql -c 'SHOW fsync'), synchronous_commit=$(psql -c 'SHOW synchronous_commit'), full_page_writes=$(psql -c 'SHOW full_page_writes'), wal_level=$(psql -c 'SHOW wal_level'); $secs s a run, $rounds rounds, $streams streams; $(nproc) cores, load average $(cut -d" " -f1-3 /proc/loadavg); $(date -u +%FT%TZ)"
 for round in $(seq 1 "$rounds"); do
 	order=(none notify wal)
@@ -137,11 +138,14 @@ for round in $(seq 1 "$rounds"); do
 		for c in "${clients[@]}"; do
 			before_rows=$(psql -c "SELECT count(*) FROM threeds_records")
 			before_ticks=$(ticks "$pid")
+			before_svc=$(ticks "$svc_pid")
 			rate[$src,$c,$round]=$(tps "$c")
 			if [ "$src" != none ]; then
 				delivered[$src,$c,$round]=$(wait_delivered)
 				rows=$(($(psql -c "SELECT count(*) FROM threeds_records") - before_rows))
-				cpu[$src,$c,$round]=$(((($(ticks "$pid") - before_ticks) * 10000) / (rows > 0 ? rows : 1)))
+				rows=$((rows > 0 ? rows : 1))
+				cpu[$src,$c,$round]=$(((($(ticks "$pid") - before_ticks) * 10000) / rows))
+				svc[$src,$c,$round]=$(((($(ticks "$svc_pid") - before_svc) * 10000) / rows))
 			fi
 		done
 		stop_source
@@ -159,7 +163,7 @@ for c in "${clients[@]}"; do
 				continue
 			fi
 			r=${rate[$src,$c,$round]}
-			line+="; $src $r tps ($(awk -v a="$r" -v b="$base" 'BEGIN { printf "%.2f", a / b }')), ${cpu[$src,$c,$round]} µs of its backend per row, ${delivered[$src,$c,$round]}"
+			line+="; $src $r tps ($(awk -v a="$r" -v b="$base" 'BEGIN { printf "%.2f", a / b }')), per row ${cpu[$src,$c,$round]} µs of its backend and ${svc[$src,$c,$round]} µs of the service, ${delivered[$src,$c,$round]}"
 		done
 		echo "$line"
 	done
