@@ -252,9 +252,18 @@ type gatewayService struct {
 	svc  *runningService
 	key  testKey
 	pool *pgxpool.Pool
+	dsn  string
+	jwks string // the identity provider's JWKS URL
 }
 
 func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService {
+	t.Helper()
+	return startGatewayServiceWith(t, map[string]string{"STREAM_HEARTBEAT": heartbeat.String()})
+}
+
+// startGatewayServiceWith starts the service on a database of its own, with
+// extra settings in env.
+func startGatewayServiceWith(t *testing.T, env map[string]string) *gatewayService {
 	t.Helper()
 	dsn := newEmptyTestDB(t)
 	if err := run(context.Background(), []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": dsn}), &syncBuffer{}, &syncBuffer{}); err != nil {
@@ -262,8 +271,17 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 	}
 	key := newTestKey(t, jwa.ES256, "gateway", 0)
 	idp := newJWKSServer(t, key.publicJWK(t, false))
-	env := serviceEnv(dsn, idp.URL)
-	env["STREAM_HEARTBEAT"] = heartbeat.String()
+	return startGatewayServiceOn(t, &gatewayService{key: key, dsn: dsn, jwks: idp.URL}, env)
+}
+
+// startGatewayServiceOn starts another instance of the service on like's
+// database and identity provider, as a second replica or a restart is.
+func startGatewayServiceOn(t *testing.T, like *gatewayService, extra map[string]string) *gatewayService {
+	t.Helper()
+	env := serviceEnv(like.dsn, like.jwks)
+	for k, v := range extra {
+		env[k] = v
+	}
 	svc := startRun(t, env)
 	waitFor(t, 15*time.Second, "readiness", func() bool { code, _ := svc.get(t, "/readyz", ""); return code == http.StatusOK })
 	// Readiness does not wait for the LISTEN session (the list endpoint
@@ -272,7 +290,7 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 		_, body := svc.get(t, "/metrics", "")
 		return strings.Contains(string(body), "\nthreeds_listen_up 1\n")
 	})
-	return &gatewayService{svc: svc, key: key, pool: newTestPool(t, dsn, nil)}
+	return &gatewayService{svc: svc, key: like.key, pool: newTestPool(t, like.dsn, nil), dsn: like.dsn, jwks: like.jwks}
 }
 
 // upstream is the host:port nginx proxies to.
