@@ -389,3 +389,83 @@ func TestExampleClientsComeBackAfterShuttingDownAndGatewayErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestExampleClientsStopOnReplacedAndReconnectOnOtherEnds: a stream that
+// ends with `replaced` is not reopened (it would replace the newer stream
+// in turn, forever); any other end is. The server here writes the
+// contract's wire format by hand: the service's replacement of the oldest
+// stream over STREAMS_PER_USER (contract §6) is being built on another
+// branch, and this is the clients' half of it.
+func TestExampleClientsStopOnReplacedAndReconnectOnOtherEnds(t *testing.T) {
+	node := needNode(t)
+	cases := []struct {
+		reason    string
+		reconnect bool
+	}{
+		{reason: "replaced", reconnect: false},
+		{reason: "unavailable", reconnect: true},
+		{reason: "shutting_down", reconnect: true},
+	}
+	for _, ec := range exampleClients {
+		for _, tc := range cases {
+			name := ec.name + " after end " + tc.reason
+			if tc.reconnect {
+				name += " connects again"
+			} else {
+				name += " stops"
+			}
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				var connects atomic.Int64
+				srv := httptestSSE(t, func(w http.ResponseWriter, r *http.Request) {
+					connects.Add(1)
+					if r.Header.Get("Authorization") != "Bearer wire-token" {
+						http.Error(w, `{"error":"unauthorized"}`, http.StatusUnauthorized)
+						return
+					}
+					w.Header().Set("Content-Type", "text/event-stream")
+					w.Header().Set("Cache-Control", "no-store")
+					fmt.Fprint(w, "retry: 2000\n\n")
+					fmt.Fprint(w, "event: ready\ndata: {}\n\n")
+					http.NewResponseController(w).Flush()
+					time.Sleep(100 * time.Millisecond)
+					fmt.Fprintf(w, "event: end\ndata: {\"reason\":%q}\n\n", tc.reason)
+				})
+				c := startExampleClient(t, node, ec.script, srv+"/3ds/my-records/events", newTokenFile(t, "wire-token"))
+				c.next(t, 3*clientPrompt, "end "+tc.reason, isEndLine(tc.reason))
+				if !tc.reconnect {
+					select {
+					case err := <-c.exited:
+						if err != nil {
+							t.Errorf("the client exited with %v after replaced, want 0", err)
+						}
+					case <-time.After(clientPrompt):
+						t.Fatal("the client is still running after replaced")
+					}
+					time.Sleep(2 * time.Second) // a reconnect at EventSource's pace (retry: 2000) would show now
+					if n := connects.Load(); n != 1 {
+						t.Errorf("%d connects, want 1: replaced must not be reopened", n)
+					}
+					return
+				}
+				c.next(t, clientPrompt, "ready again", isLine("ready"))
+				if n := connects.Load(); n < 2 {
+					t.Errorf("%d connects, want a second one after %s", n, tc.reason)
+				}
+			})
+		}
+	}
+}
+
+// httptestSSE serves h on 127.0.0.1 and returns its base URL.
+func httptestSSE(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return "http://" + ln.Addr().String()
+}
