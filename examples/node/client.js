@@ -33,7 +33,7 @@ let stopped = false
 // restarted instance do not all come back in the same millisecond.
 function backoffMs () {
   const { minMs, maxMs } = cfg.backoff
-  const ceiling = Math.min(maxMs, minMs * 2 ** Math.min(failures, 20))
+  const ceiling = Math.min(maxMs, minMs * 2 ** Math.min(Math.max(failures - 1, 0), 20))
   return Math.round(ceiling / 2 + Math.random() * ceiling / 2)
 }
 

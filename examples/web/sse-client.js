@@ -33,7 +33,7 @@ export function subscribe ({ url, getToken, backoff = defaultBackoff, fetchImpl 
   // Doubling from minMs to maxMs, with full jitter so that the clients of a
   // restarted instance do not all come back in the same millisecond.
   const backoffMs = () => {
-    const ceiling = Math.min(backoff.maxMs, backoff.minMs * 2 ** Math.min(failures, 20))
+    const ceiling = Math.min(backoff.maxMs, backoff.minMs * 2 ** Math.min(Math.max(failures - 1, 0), 20))
     return Math.round(ceiling / 2 + Math.random() * ceiling / 2)
   }
 
