@@ -469,3 +469,37 @@ func httptestSSE(t *testing.T, h http.HandlerFunc) string {
 	t.Cleanup(func() { _ = srv.Close() })
 	return "http://" + ln.Addr().String()
 }
+
+// TestExampleClientsWaitForRetryAfterWhenTheInstanceIsFull: with
+// STREAMS_MAX reached the service answers 503 with Retry-After; each client
+// waits at least that long before its next connect (its own backoff is
+// 0.2 s here, so a client that ignored the header would be back at once),
+// then gets its stream once a place is free.
+func TestExampleClientsWaitForRetryAfterWhenTheInstanceIsFull(t *testing.T) {
+	node := needNode(t)
+	for i, ec := range exampleClients {
+		t.Run(ec.name, func(t *testing.T) {
+			t.Parallel()
+			g := startGatewayServiceWith(t, map[string]string{"STREAMS_MAX": "1", "STREAM_HEARTBEAT": "1s"})
+			user := int64(7400 + i)
+			holder := openGatewayStream(t, g.svc.base, g.token(t, 7500+int64(i)))
+			holder.next(t, gatewayPrompt, "the place-holder's ready", isEvent("ready"))
+
+			probe := fetch(opsClient, http.MethodGet, g.svc.base+"/3ds/my-records/events", g.token(t, user), "")
+			retryAfter, err := time.ParseDuration(probe.header.Get("Retry-After") + "s")
+			if probe.code != http.StatusServiceUnavailable || err != nil || retryAfter < time.Second {
+				t.Fatalf("a stream over STREAMS_MAX: %d, Retry-After %q, want 503 and at least 1 s", probe.code, probe.header.Get("Retry-After"))
+			}
+
+			c := startExampleClient(t, node, ec.script, g.svc.base+"/3ds/my-records/events", newTokenFile(t, g.token(t, user)))
+			first := c.next(t, 3*clientPrompt, "the first connect", isLine("connect"))
+			c.next(t, clientPrompt, "the 503", func(l clientLine) bool { return l.What == "failure" && l.Status == http.StatusServiceUnavailable })
+			holder.resp.Body.Close() // the place is free again
+			second := c.next(t, retryAfter+clientPrompt, "the second connect", isLine("connect"))
+			if gap := second.at.Sub(first.at); gap < retryAfter-100*time.Millisecond {
+				t.Errorf("the client came back %s after a 503 with Retry-After %s", gap.Round(time.Millisecond), retryAfter)
+			}
+			c.next(t, clientPrompt, "ready once a place is free", isLine("ready"))
+		})
+	}
+}
