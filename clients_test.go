@@ -503,3 +503,44 @@ func TestExampleClientsWaitForRetryAfterWhenTheInstanceIsFull(t *testing.T) {
 		})
 	}
 }
+
+// TestExampleClientsStopWhenANewerStreamReplacesThem: with
+// STREAMS_PER_USER=1 a second stream of the same user (the phone that came
+// back on another network) is admitted and the client's stream ends with
+// `replaced`; the client stops and never takes the place back, so the
+// newer stream stays open and keeps getting the user's records.
+func TestExampleClientsStopWhenANewerStreamReplacesThem(t *testing.T) {
+	node := needNode(t)
+	for i, ec := range exampleClients {
+		t.Run(ec.name, func(t *testing.T) {
+			t.Parallel()
+			g := startGatewayServiceWith(t, map[string]string{"STREAMS_PER_USER": "1", "STREAM_HEARTBEAT": "1s"})
+			user := int64(7600 + i)
+			token := g.token(t, user)
+			c := startExampleClient(t, node, ec.script, g.svc.base+"/3ds/my-records/events", newTokenFile(t, token))
+			c.next(t, 3*clientPrompt, "ready", isLine("ready"))
+
+			newer := openGatewayStream(t, g.svc.base, token)
+			newer.next(t, gatewayPrompt, "the newer stream's ready", isEvent("ready"))
+			c.next(t, clientPrompt, "end replaced", isEndLine("replaced"))
+			select {
+			case err := <-c.exited:
+				if err != nil {
+					t.Errorf("the client exited with %v after replaced, want 0", err)
+				}
+			case <-time.After(clientPrompt):
+				t.Fatal("the client is still running after replaced")
+			}
+			// Had the client come back, the newer stream would now be the
+			// one replaced.
+			time.Sleep(2 * time.Second)
+			id := g.store(t, user, "300001")
+			newer.next(t, gatewayPrompt, "the record on the newer stream", func(ev gwEvent) bool {
+				if isEvent("end")(ev) {
+					t.Errorf("the newer stream ended: %s", ev.data)
+				}
+				return isEvent("record")(ev) && ev.id == fmt.Sprint(id)
+			})
+		})
+	}
+}
