@@ -393,9 +393,9 @@ func TestExampleClientsComeBackAfterShuttingDownAndGatewayErrors(t *testing.T) {
 // TestExampleClientsStopOnReplacedAndReconnectOnOtherEnds: a stream that
 // ends with `replaced` is not reopened (it would replace the newer stream
 // in turn, forever); any other end is. The server here writes the
-// contract's wire format by hand: the service's replacement of the oldest
-// stream over STREAMS_PER_USER (contract §6) is being built on another
-// branch, and this is the clients' half of it.
+// contract's wire format by hand, so that every end reason, `unavailable`
+// included, comes on demand and the connects can be counted; the real
+// service's `replaced` is TestExampleClientsStopWhenANewerStreamReplacesThem.
 func TestExampleClientsStopOnReplacedAndReconnectOnOtherEnds(t *testing.T) {
 	node := needNode(t)
 	cases := []struct {
