@@ -5,11 +5,15 @@ import (
 	"os"
 	"reflect"
 	"runtime"
+	"slices"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/lestrrat-go/jwx/v2/jwa"
 )
 
 // The stream tests of events_test.go run once per source: as written with
@@ -46,9 +50,10 @@ func TestEveryStreamTestWithTheWalSource(t *testing.T) {
 	}
 }
 
-// testStreamSource is the source a stream test runs with.
+// testStreamSource is the source a stream test runs with: wal for the
+// tests of this file (TestWal...) and the wal runs of events_test.go's.
 func testStreamSource(t testing.TB) string {
-	if strings.HasPrefix(t.Name(), walSubtestsOf) || os.Getenv("STREAM_TEST_SOURCE") == sourceWAL {
+	if strings.HasPrefix(t.Name(), "TestWal") || strings.HasPrefix(t.Name(), walSubtestsOf) || os.Getenv("STREAM_TEST_SOURCE") == sourceWAL {
 		return sourceWAL
 	}
 	return sourceNotify
@@ -77,5 +82,286 @@ DO $$ BEGIN
 END $$`)
 	if err != nil {
 		t.Fatalf("create the publication: %v", err)
+	}
+}
+
+// walSlots lists the service's slots on dsn's database.
+func walSlots(t testing.TB, db rowsQuerier) (names []string, temporary []bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rows, err := db.Query(ctx, `
+SELECT slot_name, temporary FROM pg_replication_slots
+ WHERE database = current_database() AND slot_name LIKE 'threeds\_records\_%'`)
+	if err != nil {
+		t.Fatalf("list slots: %v", err)
+	}
+	var (
+		name string
+		tmp  bool
+	)
+	_, err = pgx.ForEachRow(rows, []any{&name, &tmp}, func() error {
+		names, temporary = append(names, name), append(temporary, tmp)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("list slots: %v", err)
+	}
+	return names, temporary
+}
+
+type rowsQuerier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+}
+
+func TestWalRendersEveryRecordExactlyAsTheListEndpointDoes(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	token := svc.tokenFor(t, 4001)
+	s, _ := mustOpenStream(t, svc.URL, token)
+
+	// The writer's session is not in UTC: the decoded received_at must not
+	// care, nor the list.
+	writer, err := pgx.Connect(context.Background(), svc.dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Close(context.Background())
+	if _, err := writer.Exec(context.Background(), "SET TimeZone = 'Asia/Kolkata'"); err != nil {
+		t.Fatal(err)
+	}
+	rows := []struct{ passcode, amount, currency, merchant, receivedAt string }{
+		{"000123", "1500", "JPY", "", "now() - interval '1.25 seconds'"}, // leading zeros; no minor unit; NULL merchant
+		{"0", "1.5", "kwd", "Café ☕ 東京", "now()"},                        // three minor digits; lower-case code; unicode
+		{"987654", "12.30", "USD", `Bob's "Bar" \ <b>` + "\u2028", "'" + time.Now().Add(-2*time.Second).In(time.FixedZone("", 5*3600+1800)).Format("2006-01-02 15:04:05.999999-07:00") + "'"}, // escaping; an offset of +05:30
+		{"42", "100.000001", "EUR", "x", "now() - interval '0.5 seconds'"}, // a digit past the minor unit is never dropped
+		{"12345678", "-0.10", "EUR", "refund", "now()"},                    // negative
+	}
+	var ids []int64
+	for _, r := range rows {
+		var merchant *string
+		if r.merchant != "" {
+			merchant = &r.merchant
+		}
+		var id int64
+		err := writer.QueryRow(context.Background(), `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
+VALUES (4001, $1, $2::numeric, $3, $4, 600, `+r.receivedAt+`) RETURNING id`, r.passcode, r.amount, r.currency, merchant).Scan(&id)
+		if err != nil {
+			t.Fatalf("insert %+v: %v", r, err)
+		}
+		ids = append(ids, id)
+	}
+	listed := listRecordJSON(t, svc.testService, token)
+	for _, id := range ids {
+		ev, ok := s.nextEvent(t, 10*time.Second)
+		if !ok {
+			t.Fatalf("the stream ended: %v", s.readErr())
+		}
+		if want := "event: record\nid: " + strconv.FormatInt(id, 10) + "\ndata: " + listed[id] + "\n"; ev.raw != want {
+			t.Errorf("record %d decoded from the WAL\n got %q\nwant %q (the list endpoint's object)", id, ev.raw, want)
+		}
+	}
+}
+
+// insertStreamed runs one transaction that inserts n rows for an unstreamed
+// user (so that it exceeds logical_decoding_work_mem and is streamed).
+func insertFiller(t testing.TB, tx pgx.Tx, n int) {
+	t.Helper()
+	_, err := tx.Exec(context.Background(), `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
+SELECT 9999, '111111', 1, 'USD', repeat('m', 200), 600, now() FROM generate_series(1, $1)`, n)
+	if err != nil {
+		t.Fatalf("filler: %v", err)
+	}
+}
+
+func insertIn(t testing.TB, tx pgx.Tx, user int64) int64 {
+	t.Helper()
+	var id int64
+	err := tx.QueryRow(context.Background(), `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
+VALUES ($1, '123456', 1, 'USD', 600, now()) RETURNING id`, user).Scan(&id)
+	if err != nil {
+		t.Fatalf("insert: %v", err)
+	}
+	return id
+}
+
+func TestWalHoldsAStreamedTransactionUntilItCommitsAndDropsWhatItRolledBack(t *testing.T) {
+	// 64kB: the filler below is streamed to the source while the
+	// transaction is still open, which is what protocol 2 is used for.
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.conn.RuntimeParams["logical_decoding_work_mem"] = "64kB" }})
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 5001))
+	ctx := context.Background()
+
+	tx, err := svc.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := insertIn(t, tx, 5001)
+	insertFiller(t, tx, 2000)
+	if _, err := tx.Exec(ctx, "SAVEPOINT s"); err != nil {
+		t.Fatal(err)
+	}
+	rolledBack := insertIn(t, tx, 5001)
+	insertFiller(t, tx, 2000)
+	if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT s"); err != nil {
+		t.Fatal(err)
+	}
+	insertFiller(t, tx, 2000)
+	waitFor(t, 15*time.Second, "the open transaction to be streamed to the source", func() bool {
+		var n int64
+		err := svc.pool.QueryRow(ctx, `
+SELECT coalesce(sum(stream_txns), 0) FROM pg_stat_replication_slots WHERE slot_name LIKE 'threeds\_records\_%'`).Scan(&n)
+		return err == nil && n > 0
+	})
+	s.quiet(t, 500*time.Millisecond) // nothing before the commit
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	aborted, err := svc.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	never := insertIn(t, aborted, 5001)
+	insertFiller(t, aborted, 4000)
+	if err := aborted.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	barrier := insertNow(t, svc.pool, 5001)
+
+	got := s.recordIDs(t, 15*time.Second, func(ids []int64) bool { return slices.Contains(ids, barrier) })
+	if want := []int64{kept, barrier}; !slices.Equal(got, want) {
+		t.Errorf("got %v, want %v (%d was rolled back to a savepoint, %d with its transaction)", got, want, rolledBack, never)
+	}
+}
+
+func TestWalBackfillOfExpiredRowsSendsNothingAndLiveRecordsStillArrive(t *testing.T) {
+	n := 100_000
+	if v, err := strconv.Atoi(os.Getenv("WAL_BACKFILL_ROWS")); err == nil && v > 0 {
+		n = v
+	}
+	svc := newStreamService(t, streamOptions{})
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 6001))
+	ctx := context.Background()
+
+	backfillDone := make(chan error, 1)
+	started := time.Now()
+	go func() {
+		// The user's own old records: were a single one sent, the check
+		// below would see it.
+		_, err := svc.pool.Exec(ctx, `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, expires_after, received_at)
+SELECT 6001, '222222', 1, 'USD', 300, now() - interval '2 days' - g * interval '1 second' FROM generate_series(1, $1) g`, n)
+		backfillDone <- err
+	}()
+	var (
+		live      []int64
+		committed = map[int64]time.Time{}
+	)
+	for done := false; !done; {
+		select {
+		case err := <-backfillDone:
+			if err != nil {
+				t.Fatalf("backfill: %v", err)
+			}
+			done = true
+		case <-time.After(100 * time.Millisecond):
+		}
+		id := insertNow(t, svc.pool, 6001)
+		committed[id] = time.Now()
+		live = append(live, id)
+	}
+	backfill := time.Since(started)
+	var worst time.Duration
+	var got []int64
+	deadline := time.Now().Add(60 * time.Second)
+	for len(got) < len(live) {
+		ev, ok := s.nextEvent(t, time.Until(deadline))
+		if !ok || ev.event != "record" {
+			t.Fatalf("stream: %v (%v)", ev, s.readErr())
+		}
+		id := eventID(t, ev)
+		got = append(got, id)
+		worst = max(worst, ev.at.Sub(committed[id]))
+	}
+	if !slices.Equal(got, live) {
+		t.Fatalf("got %d records, want exactly the %d live ones: %v", len(got), len(live), got[:min(len(got), 20)])
+	}
+	s.quiet(t, 300*time.Millisecond)
+	t.Logf("backfill of %d expired rows in one transaction: %s; %d live records committed meanwhile, the latest arrived %s after its commit", n, backfill.Round(time.Millisecond), len(live), worst.Round(time.Millisecond))
+}
+
+func TestWalSlotIsTemporaryAndGoesWithTheSession(t *testing.T) {
+	svc := newStreamService(t, streamOptions{})
+	names, temporary := walSlots(t, svc.pool)
+	if len(names) != 1 || !temporary[0] {
+		t.Fatalf("slots %v temporary %v, want one temporary slot", names, temporary)
+	}
+	svc.hub.stop()
+	waitFor(t, 10*time.Second, "the slot to go with its session", func() bool {
+		names, _ := walSlots(t, svc.pool)
+		return len(names) == 0
+	})
+}
+
+func TestWalSlotIsGoneWhenTheProcessIsKilled(t *testing.T) {
+	dsn := newTestDB(t)
+	prepareTestSource(t, dsn, sourceWAL)
+	idp := newJWKSServer(t, newTestKey(t, jwa.ES256, "run", 0).publicJWK(t, false))
+	env := serviceEnv(dsn, idp.URL)
+	env["STREAM_SOURCE"] = sourceWAL
+	b := startBinary(t, env)
+	pool := newTestPool(t, dsn, nil)
+	waitFor(t, 15*time.Second, "the service's slot", func() bool {
+		names, temporary := walSlots(t, pool)
+		return len(names) == 1 && temporary[0]
+	})
+	if err := b.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-b.exited
+	killed := time.Now()
+	waitFor(t, 15*time.Second, "the slot to go with the killed process", func() bool {
+		names, _ := walSlots(t, pool)
+		return len(names) == 0
+	})
+	t.Logf("the slot was gone %s after SIGKILL", time.Since(killed).Round(time.Millisecond))
+}
+
+func TestWalSessionOutlivesAShortWalSenderTimeoutAndAcknowledgesOtherTablesWAL(t *testing.T) {
+	// The server cuts a consumer that does not answer its keepalives within
+	// wal_sender_timeout; the source's periodic status alone (every 3 s)
+	// would not be enough at 2 s.
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.conn.RuntimeParams["wal_sender_timeout"] = "2s" }})
+	ctx := context.Background()
+	if _, err := svc.pool.Exec(ctx, "CREATE TABLE unrelated (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.pool.Exec(ctx, "INSERT INTO unrelated SELECT generate_series(1, 1000)"); err != nil {
+		t.Fatal(err)
+	}
+	var lsn string
+	if err := svc.pool.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+		t.Fatal(err)
+	}
+	// Nothing of threeds_records was written: only keepalives can move the
+	// acknowledged position, or the slot would hold every other table's WAL.
+	waitFor(t, 15*time.Second, "the slot to acknowledge "+lsn, func() bool {
+		var done bool
+		err := svc.pool.QueryRow(ctx, `
+SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots
+ WHERE database = current_database() AND slot_name LIKE 'threeds\_records\_%'`, lsn).Scan(&done)
+		return err == nil && done
+	})
+	time.Sleep(5 * time.Second)
+	if n := svc.hub.reconnects.Load(); n != 0 || !svc.hub.listening() {
+		t.Fatalf("reconnects = %d, up %v: the session was cut", n, svc.hub.listening())
+	}
+	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 7001))
+	id := insertNow(t, svc.pool, 7001)
+	if got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 }); got[0] != id {
+		t.Errorf("got %v, want [%d]", got, id)
 	}
 }
