@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"log/slog"
+	"net/url"
 	"os"
 	"reflect"
 	"runtime"
@@ -364,4 +366,186 @@ SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM p
 	if got := s.recordIDs(t, 10*time.Second, func(ids []int64) bool { return len(ids) == 1 }); got[0] != id {
 		t.Errorf("got %v, want [%d]", got, id)
 	}
+}
+
+// startWalHub runs the wal source alone on dsn, logging into a buffer.
+func startWalHub(t *testing.T, dsn string) (*hub, *syncBuffer) {
+	t.Helper()
+	cc, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc.RuntimeParams["application_name"] = "threeds-records-listen"
+	logs := &syncBuffer{}
+	h := newHub(hubConfig{
+		source: sourceWAL, conn: cc, queryTimeout: 5 * time.Second,
+		probeTimeout: 2 * time.Second, unavailableRetry: time.Second,
+	}, slog.New(slog.NewJSONHandler(logs, nil)))
+	h.start()
+	t.Cleanup(h.shutdown)
+	return h, logs
+}
+
+const unavailableLine = "live updates are unavailable; the list endpoint keeps working"
+
+// waitUnavailable waits for the stream's 503 of a source that cannot work
+// there, and returns its details and the one ERROR line that says what to set.
+func waitUnavailable(t *testing.T, h *hub, logs *syncBuffer) (details string, line map[string]any) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "the stream's 503", func() bool {
+		r := h.available()
+		if r != nil && r.retryAfter == 30 {
+			details = r.details
+			return true
+		}
+		return false
+	})
+	time.Sleep(1500 * time.Millisecond) // a retry or two: still one line
+	var lines []map[string]any
+	for _, l := range logs.logLines(t) {
+		if l["msg"] == unavailableLine {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 1 || lines[0]["level"] != "ERROR" {
+		t.Fatalf("%d unavailable lines, want one ERROR: %v", len(lines), lines)
+	}
+	return details, lines[0]
+}
+
+func checkUnavailable(t *testing.T, h *hub, logs *syncBuffer, wantDetails, wantSet string) {
+	t.Helper()
+	details, line := waitUnavailable(t, h, logs)
+	if !strings.Contains(details, wantDetails) {
+		t.Errorf("503 details %q do not say %q", details, wantDetails)
+	}
+	if set, _ := line["set"].(string); !strings.Contains(set, wantSet) {
+		t.Errorf("the log line's set %q does not say %q", set, wantSet)
+	}
+}
+
+func TestWalAnswers503SayingWhyWhereTheDatabaseCannotFeedIt(t *testing.T) {
+	admin := newTestPool(t, os.Getenv("DATABASE_URL"), nil)
+	cases := []struct {
+		name                 string
+		target               func(t *testing.T) string
+		wantDetails, wantSet string
+	}{
+		{"a role without REPLICATION", func(t *testing.T) string {
+			dsn := newTestDB(t)
+			prepareTestSource(t, dsn, sourceWAL)
+			role := "threeds_norepl_" + strconv.FormatInt(time.Now().UnixNano(), 36)
+			if _, err := admin.Exec(context.Background(), "CREATE ROLE "+role+" LOGIN"); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _, _ = admin.Exec(context.Background(), "DROP ROLE "+role) })
+			u, err := url.Parse(dsn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			u.User = url.User(role)
+			return u.String()
+		}, "lacks the REPLICATION attribute", "WITH REPLICATION"},
+		{"no publication (migrate not run for wal)", func(t *testing.T) string {
+			return newTestDB(t)
+		}, "no publication threeds_records_events", "STREAM_SOURCE=wal"},
+		{"PgBouncer in between", func(t *testing.T) string {
+			dsn := newTestDB(t)
+			prepareTestSource(t, dsn, sourceWAL)
+			return startPgBouncer(t, databaseName(t, dsn))
+		}, "PgBouncer", "bypassing PgBouncer"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h, logs := startWalHub(t, tc.target(t))
+			checkUnavailable(t, h, logs, tc.wantDetails, tc.wantSet)
+		})
+	}
+}
+
+func TestWalAnswers503NamingTheLongTransactionThatHoldsUpTheSlotAndRecovers(t *testing.T) {
+	dsn := newTestDB(t)
+	prepareTestSource(t, dsn, sourceWAL)
+	cc, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc.RuntimeParams["application_name"] = "forgetful-writer"
+	writer, err := pgx.ConnectConfig(context.Background(), cc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Close(context.Background())
+	tx, err := writer.Begin(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	insertIn(t, tx, 8001) // an id: slot creation waits for it
+
+	h, logs := startWalHub(t, dsn)
+	checkUnavailable(t, h, logs, "a long transaction on the primary holds up", "pid "+strconv.Itoa(int(writer.PgConn().PID())))
+	for _, l := range logs.logLines(t) {
+		if l["msg"] == unavailableLine {
+			t.Logf("set: %v", l["set"])
+			if !strings.Contains(l["set"].(string), "forgetful-writer") {
+				t.Errorf("the log line does not name the holder's application: %v", l["set"])
+			}
+		}
+	}
+	if err := tx.Rollback(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "the source once the transaction ended", h.listening)
+}
+
+func TestWalAnswers503SayingWhatToSetOnAStandbyAndWhereTheServerLacksSomething(t *testing.T) {
+	c := startCluster(t)
+	migrateTestDB(t, c.url)
+	prepareTestSource(t, c.url, sourceWAL)
+	alter := func(t *testing.T, settings ...string) {
+		t.Helper()
+		conn, err := pgx.Connect(context.Background(), c.url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range settings {
+			if _, err := conn.Exec(context.Background(), "ALTER SYSTEM SET "+s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		conn.Close(context.Background())
+		c.stop()
+		c.start()
+	}
+	t.Run("a hot standby", func(t *testing.T) {
+		standby := startStandby(t, c)
+		waitForReplay(t, c.url, standby.url)
+		h, logs := startWalHub(t, standby.url)
+		checkUnavailable(t, h, logs, "hot standby", "the primary")
+		h.shutdown()
+		standby.stop()
+	})
+	t.Run("wal_level below logical", func(t *testing.T) {
+		alter(t, "wal_level = replica")
+		h, logs := startWalHub(t, c.url)
+		checkUnavailable(t, h, logs, "wal_level is replica", "wal_level = logical")
+	})
+	t.Run("no free replication slot", func(t *testing.T) {
+		alter(t, "wal_level = logical", "max_replication_slots = 1")
+		admin := newTestPool(t, c.url, nil)
+		if _, err := admin.Exec(context.Background(), "SELECT pg_create_logical_replication_slot('occupier', 'pgoutput')"); err != nil {
+			t.Fatal(err)
+		}
+		h, logs := startWalHub(t, c.url)
+		checkUnavailable(t, h, logs, "no free replication slot", "max_replication_slots")
+		h.shutdown()
+		if _, err := admin.Exec(context.Background(), "SELECT pg_drop_replication_slot('occupier')"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("no free WAL sender", func(t *testing.T) {
+		alter(t, "max_wal_senders = 0")
+		h, logs := startWalHub(t, c.url)
+		checkUnavailable(t, h, logs, "no free WAL sender", "max_wal_senders")
+	})
 }
