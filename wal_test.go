@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -548,4 +549,84 @@ func TestWalAnswers503SayingWhatToSetOnAStandbyAndWhereTheServerLacksSomething(t
 		h, logs := startWalHub(t, c.url)
 		checkUnavailable(t, h, logs, "no free WAL sender", "max_wal_senders")
 	})
+}
+
+// TestWalDelayBehindABigUnrelatedTransaction measures (WAL_DELAY_ROWS=n
+// enables it; docs/decisions.md has the figures) how late a record arrives
+// when it is committed while, and just after, one transaction inserts n
+// rows into another table, with protocol 1 and with protocol 2 streaming.
+func TestWalDelayBehindABigUnrelatedTransaction(t *testing.T) {
+	n, _ := strconv.Atoi(os.Getenv("WAL_DELAY_ROWS"))
+	if n <= 0 {
+		t.Skip("a measurement: set WAL_DELAY_ROWS (e.g. 2000000)")
+	}
+	for _, streaming := range []bool{false, true} {
+		t.Run("streaming "+strconv.FormatBool(streaming), func(t *testing.T) {
+			dsn := newTestDB(t)
+			prepareTestSource(t, dsn, sourceWAL)
+			pool := newTestPool(t, dsn, nil)
+			ctx := context.Background()
+			if _, err := pool.Exec(ctx, "CREATE TABLE unrelated (id bigint, note text)"); err != nil {
+				t.Fatal(err)
+			}
+			h := newHub(testHubConfig(t, dsn), discardLogger())
+			h.src.(*walSource).streaming = streaming
+			h.start()
+			t.Cleanup(h.shutdown)
+			waitFor(t, 15*time.Second, "the source", h.listening)
+			st, refused := h.subscribe(9001)
+			if refused != nil {
+				t.Fatal(refused.details)
+			}
+			arrived := map[int64]time.Time{}
+			var amu sync.Mutex
+			go func() {
+				for d := range st.ch {
+					now := time.Now()
+					amu.Lock()
+					for _, f := range d.frames {
+						arrived[f.id] = now
+					}
+					amu.Unlock()
+				}
+			}()
+			big := make(chan time.Duration, 1)
+			start := time.Now()
+			go func() {
+				_, err := pool.Exec(ctx, "INSERT INTO unrelated SELECT g, repeat('x', 60) FROM generate_series(1, $1) g", n)
+				if err != nil {
+					t.Error(err)
+				}
+				big <- time.Since(start)
+			}()
+			committed := map[int64]time.Time{}
+			var took time.Duration
+			var end time.Time
+			for end.IsZero() || time.Now().Before(end) {
+				select {
+				case took = <-big:
+					end = time.Now().Add(time.Second)
+				case <-time.After(100 * time.Millisecond):
+				}
+				committed[insertNow(t, pool, 9001)] = time.Now()
+			}
+			waitFor(t, 120*time.Second, "every record", func() bool {
+				amu.Lock()
+				defer amu.Unlock()
+				return len(arrived) >= len(committed)
+			})
+			var delays []time.Duration
+			amu.Lock()
+			for id, at := range committed {
+				delays = append(delays, arrived[id].Sub(at))
+			}
+			amu.Unlock()
+			slices.Sort(delays)
+			var spilled int64
+			_ = pool.QueryRow(ctx, `SELECT coalesce(sum(spill_bytes), 0) FROM pg_stat_replication_slots WHERE slot_name LIKE 'threeds\_records\_%'`).Scan(&spilled)
+			t.Logf("%s: %d rows into another table in %s; %d records committed meanwhile: delay p50 %s, max %s; spilled %d MB",
+				time.Now().UTC().Format(time.DateTime), n, took.Round(time.Millisecond), len(delays),
+				delays[len(delays)/2].Round(time.Millisecond), delays[len(delays)-1].Round(time.Millisecond), spilled>>20)
+		})
+	}
 }
