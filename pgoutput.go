@@ -218,57 +218,56 @@ type walRow struct {
 // TimeZone=UTC, which the replication session sets at connect.
 const receivedAtLayout = "2006-01-02 15:04:05.999999999-07"
 
-// row reads an insert's tuple by the columns the relation named.
-func (c *relationColumns) row(cols []tupleColumn) (walRow, error) {
-	var w walRow
+// row reads an insert's tuple by the columns the relation named. The
+// columns that decide whether the row is wanted come first, and keep is
+// asked before anything else is copied out of the buffer: most rows are
+// another user's, and a backfill's are expired.
+func (c *relationColumns) row(cols []tupleColumn, keep func(userID int64, expiresAt time.Time) bool) (w walRow, kept bool, err error) {
 	if len(cols) != c.n {
-		return w, fmt.Errorf("tuple of %d columns, relation of %d", len(cols), c.n)
+		return w, false, fmt.Errorf("tuple of %d columns, relation of %d", len(cols), c.n)
 	}
-	text := func(i int, name string, nullable bool) (string, error) {
+	text := func(i int, name string, nullable bool) ([]byte, error) {
 		if i < 0 {
-			return "", fmt.Errorf("threeds_records has no column %s", name)
+			return nil, fmt.Errorf("threeds_records has no column %s", name)
 		}
-		if cols[i].null {
-			if nullable {
-				return "", nil
-			}
-			return "", fmt.Errorf("column %s is NULL", name)
+		if cols[i].null && !nullable {
+			return nil, fmt.Errorf("column %s is NULL", name)
 		}
-		return string(cols[i].text), nil
+		return cols[i].text, nil
 	}
-	var (
-		s   [8]string
-		err error
-	)
+	var b [8][]byte
 	for k, f := range []struct {
 		i        int
 		name     string
 		nullable bool
 	}{
-		{c.id, "id", false}, {c.userID, "user_id", false}, {c.passcode, "passcode", false},
-		{c.amount, "amount", false}, {c.currency, "currency", false}, {c.merchant, "merchant_name", true},
-		{c.expiresAfter, "expires_after", false}, {c.receivedAt, "received_at", false},
+		{c.userID, "user_id", false}, {c.expiresAfter, "expires_after", false}, {c.receivedAt, "received_at", false},
+		{c.id, "id", false}, {c.passcode, "passcode", false}, {c.amount, "amount", false},
+		{c.currency, "currency", false}, {c.merchant, "merchant_name", true},
 	} {
-		if s[k], err = text(f.i, f.name, f.nullable); err != nil {
-			return w, err
+		if b[k], err = text(f.i, f.name, f.nullable); err != nil {
+			return w, false, err
 		}
 	}
-	if w.id, err = strconv.ParseInt(s[0], 10, 64); err != nil {
-		return w, fmt.Errorf("id: %w", err)
+	if w.userID, err = strconv.ParseInt(string(b[0]), 10, 64); err != nil {
+		return w, false, fmt.Errorf("user_id: %w", err)
 	}
-	if w.userID, err = strconv.ParseInt(s[1], 10, 64); err != nil {
-		return w, fmt.Errorf("user_id: %w", err)
+	if w.expiresAfter, err = strconv.ParseInt(string(b[1]), 10, 64); err != nil {
+		return w, false, fmt.Errorf("expires_after: %w", err)
 	}
-	w.passcode, w.amount, w.currency, w.merchant = s[2], s[3], s[4], s[5]
-	if w.expiresAfter, err = strconv.ParseInt(s[6], 10, 64); err != nil {
-		return w, fmt.Errorf("expires_after: %w", err)
-	}
-	if w.receivedAt, err = time.Parse(receivedAtLayout, s[7]); err != nil {
+	if w.receivedAt, err = time.Parse(receivedAtLayout, string(b[2])); err != nil {
 		// infinity, BC dates: the list endpoint could not show them either.
-		return w, fmt.Errorf("received_at: %w", err)
+		return w, false, fmt.Errorf("received_at: %w", err)
 	}
 	w.expiresAt = w.receivedAt.Add(time.Duration(w.expiresAfter) * time.Second)
-	return w, nil
+	if !keep(w.userID, w.expiresAt) {
+		return w, false, nil
+	}
+	if w.id, err = strconv.ParseInt(string(b[3]), 10, 64); err != nil {
+		return w, false, fmt.Errorf("id: %w", err)
+	}
+	w.passcode, w.amount, w.currency, w.merchant = string(b[4]), string(b[5]), string(b[6]), string(b[7])
+	return w, true, nil
 }
 
 // frame renders the row as the list endpoint does.
@@ -442,31 +441,32 @@ func (d *walDecoder) insert(r *wireReader, serverTime time.Time) error {
 		return nil
 	}
 	d.decoded++
-	w, err := rel.cols.row(cols)
-	if err != nil {
-		d.badRow(err)
-		return nil
+	// A whole transaction arrives after its commit: a user who subscribes
+	// from now on reads its rows in the snapshot, so only users streamed now
+	// matter, and the commit time says what has expired. A streamed
+	// transaction has not committed yet: who is streamed is decided at its
+	// commit, and a row expired by the server's clock now is expired then.
+	clock := d.commitTime
+	if d.inStream {
+		clock = serverTime
 	}
-	if !d.inStream {
-		// The whole transaction arrives after its commit, so a user who
-		// subscribes from now on reads this row in its snapshot.
-		if !w.expiresAt.After(d.commitTime) {
+	w, kept, err := rel.cols.row(cols, func(userID int64, expiresAt time.Time) bool {
+		if !expiresAt.After(clock) {
 			d.expired++
-			return nil
+			return false
 		}
-		if d.streamed(w.userID) {
-			d.txn.hold(w)
-		}
-		return nil
+		return d.inStream || d.streamed(userID)
+	})
+	switch {
+	case err != nil:
+		d.badRow(err)
+	case !kept:
+	case d.inStream:
+		w.xid = xid
+		d.streams[d.streamXid].hold(w)
+	default:
+		d.txn.hold(w)
 	}
-	// A streamed transaction has not committed yet: who is streamed is
-	// decided at its commit.
-	if !w.expiresAt.After(serverTime) {
-		d.expired++
-		return nil
-	}
-	w.xid = xid
-	d.streams[d.streamXid].hold(w)
 	return nil
 }
 
