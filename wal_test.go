@@ -138,7 +138,12 @@ type rowsQuerier interface {
 }
 
 func TestWalRendersEveryRecordExactlyAsTheListEndpointDoes(t *testing.T) {
-	svc := newStreamService(t, streamOptions{})
+	// As if DATABASE_LISTEN_URL carried settings of its own: the decoded
+	// text must not depend on them.
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) {
+		c.conn.RuntimeParams["timezone"] = "America/St_Johns"
+		c.conn.RuntimeParams["datestyle"] = "SQL, DMY"
+	}})
 	token := svc.tokenFor(t, 4001)
 	s, _ := mustOpenStream(t, svc.URL, token)
 

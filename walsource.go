@@ -106,7 +106,13 @@ func (w *walSource) replicationConfig() *pgconn.Config {
 	cc := w.h.cfg.conn.Copy()
 	pc := &cc.Config
 	rp := pc.RuntimeParams
-	delete(rp, "statement_timeout")
+	for k := range rp {
+		// Setting names are case-insensitive: one spelling each, ours.
+		switch strings.ToLower(k) {
+		case "statement_timeout", "timezone", "datestyle", "client_encoding", "replication":
+			delete(rp, k)
+		}
+	}
 	rp["replication"] = "database"
 	rp["TimeZone"] = "UTC"
 	rp["DateStyle"] = "ISO"
