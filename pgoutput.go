@@ -34,7 +34,7 @@ type wireReader struct {
 }
 
 func (r *wireReader) take(n int) []byte {
-	if r.err != nil || len(r.b) < n {
+	if r.err != nil || n < 0 || len(r.b) < n {
 		r.err = errShortMessage
 		return nil
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/binary"
 	"log/slog"
 	"net/url"
 	"os"
@@ -684,4 +685,41 @@ func TestWalDelayBehindABigUnrelatedTransaction(t *testing.T) {
 				delays[len(delays)/2].Round(time.Millisecond), delays[len(delays)-1].Round(time.Millisecond), spilled>>20)
 		})
 	}
+}
+
+// FuzzWalDecoderNeverPanics feeds the decoder what a broken or hostile
+// server could send: errors, never a panic.
+func FuzzWalDecoderNeverPanics(f *testing.F) {
+	be32 := func(b []byte, v uint32) []byte { return binary.BigEndian.AppendUint32(b, v) }
+	be16 := func(b []byte, v uint16) []byte { return binary.BigEndian.AppendUint16(b, v) }
+	rel := append([]byte{'R'}, be32(nil, 16384)...)
+	rel = append(rel, "public\x00threeds_records\x00d"...)
+	cols := []string{"id", "user_id", "passcode", "amount", "currency", "merchant_name", "expires_after", "received_at"}
+	rel = be16(rel, uint16(len(cols)))
+	for _, c := range cols {
+		rel = append(append(append(rel, 0), c...), 0)
+		rel = be32(be32(rel, 25), 0xffffffff)
+	}
+	ins := append([]byte{'I'}, be32(nil, 16384)...)
+	ins = be16(append(ins, 'N'), uint16(len(cols)))
+	for _, v := range []string{"1", "2", "000123", "1.5", "KWD", "", "600", "2026-12-07 20:50:34.123456+00"} {
+		if v == "" {
+			ins = append(ins, 'n')
+			continue
+		}
+		ins = append(be32(append(ins, 't'), uint32(len(v))), v...)
+	}
+	begin := append([]byte{'B'}, make([]byte, 20)...)
+	commit := append([]byte{'C'}, make([]byte, 25)...)
+	f.Add(rel, begin, ins, commit)
+	f.Add(rel, []byte{'S', 0, 0, 0, 9, 1}, append([]byte{'I', 0, 0, 0, 9}, ins[1:]...), []byte{'A', 0, 0, 0, 9, 0, 0, 0, 10})
+	f.Add([]byte{'R'}, []byte{'I', 0, 0, 0x40, 0}, []byte{'c'}, []byte{})
+	f.Fuzz(func(t *testing.T, a, b, c, d []byte) {
+		dec := newWalDecoder(func(int64) bool { return true }, func(error) {})
+		for _, m := range [][]byte{a, b, c, d} {
+			_, _ = dec.handle(m, time.Unix(0, 0))
+		}
+		_, _ = parseXLogData(a)
+		_, _ = parseKeepalive(b)
+	})
 }
