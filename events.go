@@ -184,7 +184,7 @@ func (ss *streamState) start() (why endReason, ok bool) {
 	// Take the channel before asking: a key-set swap in between is then
 	// seen on the channel.
 	ss.keys = s.verifier.keysChanged()
-	if !s.verifier.hasKey(ss.p.kid) {
+	if !s.verifier.stillTrusts(ss.p) {
 		return ss.end(endKeyRemoved), false
 	}
 	ss.lastWrite = time.Now()
@@ -287,7 +287,7 @@ func (ss *streamState) tick(now time.Time) (endReason, bool) {
 func (ss *streamState) keysSwapped() (endReason, bool) {
 	v := ss.s.verifier
 	ss.keys = v.keysChanged()
-	if !v.hasKey(ss.p.kid) {
+	if !v.stillTrusts(ss.p) {
 		return ss.end(endKeyRemoved), true
 	}
 	return 0, false
