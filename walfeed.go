@@ -48,7 +48,9 @@ func (f *walFeed) commit(c *walCommit) {
 	}
 }
 
-// serveReads reads the snapshots and resyncs the hub asks for.
+// serveReads reads the snapshots and resyncs the hub asks for, in the
+// bounded batches of liveread.go, each delivered as it is read; a user
+// whose read keeps failing has its streams ended (`unavailable`).
 func (f *walFeed) serveReads(ctx context.Context, read *pgx.Conn) error {
 	h := f.h
 	for {
@@ -77,16 +79,54 @@ func (f *walFeed) serveReads(ctx context.Context, read *pgx.Conn) error {
 			}
 			continue
 		}
-		byUser, err := h.readLive(ctx, read, users, nil, nil)
+		if err := f.readSnapshots(ctx, read, users, snap); err != nil {
+			// The streams not ready yet stay so; the resync after the
+			// reconnect covers them.
+			h.requestResync()
+			return err
+		}
+	}
+}
+
+// readSnapshots reads users batch by batch and hands each batch's streams
+// their snapshot, then what was held for them meanwhile.
+func (f *walFeed) readSnapshots(ctx context.Context, read *pgx.Conn, users []int64, snap []*stream) error {
+	h := f.h
+	defer func() {
+		f.mu.Lock()
+		f.inFlight, f.held = nil, nil
+		f.mu.Unlock()
+	}()
+	byStream := make(map[int64][]*stream)
+	for _, st := range snap {
+		byStream[st.userID] = append(byStream[st.userID], st)
+	}
+	for batch := range chunks(users, liveUsersBatch) {
+		byUser, failed, err := h.readLive(ctx, read, batch)
 		if err != nil {
 			return err
 		}
+		// Ended first, so a stream whose read failed is not told ready.
+		h.endUsers(failed)
+		var ready []*stream
+		held := make(map[int64][]*frame)
 		f.mu.Lock()
-		h.deliver(snap, byUser)
-		if len(f.held) > 0 {
-			h.deliver(nil, f.held)
+		for _, uid := range batch {
+			ready = append(ready, byStream[uid]...)
+			if frames := f.held[uid]; len(frames) > 0 {
+				held[uid] = frames
+			}
+			delete(f.held, uid)
+			delete(f.inFlight, uid)
 		}
-		f.inFlight, f.held = nil, nil
+		h.deliver(ready, byUser)
+		if len(held) > 0 {
+			h.deliver(nil, held)
+		}
 		f.mu.Unlock()
 	}
+	if len(users) == 0 {
+		h.deliver(snap, nil)
+	}
+	return nil
 }
