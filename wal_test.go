@@ -25,10 +25,12 @@ import (
 // with wal. STREAM_TEST_SOURCE=wal runs every one of them with wal.
 const walSubtestsOf = "TestEveryStreamTestWithTheWalSource/"
 
-// streamTestsForEachSource are the tests of events_test.go that open
-// streams fed by a source. Left out: the config errors (no source runs) and
-// the PgBouncer verdict (each source says it its own way: see
-// TestWalThroughPgBouncerAnswers503SayingSo).
+// streamTestsForEachSource are the tests that open streams fed by a
+// source, whatever file they are in. Left out: the config errors (no source
+// runs); the PgBouncer verdict (each source says it its own way: see
+// TestWalAnswers503SayingWhyWhereTheDatabaseCannotFeedIt); and listener_test.go's
+// counts of reads per record and of the LISTEN session's statements, which
+// the wal source does not make (TestWalIdleStreamsCostTheDatabaseNothing).
 var streamTestsForEachSource = []func(*testing.T){
 	TestStreamStartsWithRetryThenTheLiveSnapshotOldestFirstThenReady,
 	TestStreamDeliversTheUsersNewLiveRecordsAndNothingElse,
@@ -42,6 +44,10 @@ var streamTestsForEachSource = []func(*testing.T){
 	TestStreamEndsAtOnceOnShutdownWhileTheListEndpointDrains,
 	TestStreamOutlivesTheServersReadAndWriteTimeouts,
 	TestStreamMemoryPerOpenStreamStaysUnder32KiB,
+	TestStreamARowItCannotRenderStopsNobodysPush,
+	TestStreamStaysUpOnALongHistoryWithALowQueryTimeout,
+	TestAStreamEndsWithKeyRemovedWhenItsKeyIsReplacedUnderTheSameKid,
+	TestTheEventStreamMatchesTheOpenAPIDocument,
 }
 
 func TestEveryStreamTestWithTheWalSource(t *testing.T) {
@@ -722,4 +728,37 @@ func FuzzWalDecoderNeverPanics(f *testing.F) {
 		_, _ = parseXLogData(a)
 		_, _ = parseKeepalive(b)
 	})
+}
+
+func TestWalIdleStreamsCostTheDatabaseNothing(t *testing.T) {
+	const heartbeat = 100 * time.Millisecond
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.heartbeat = heartbeat }})
+	for u := int64(1); u <= 5; u++ {
+		mustOpenStream(t, svc.URL, svc.tokenFor(t, u))
+	}
+	// The read session's state_change moves whenever it runs a statement;
+	// the WAL sender runs none (it streams).
+	state := func() (read string, changed time.Time) {
+		t.Helper()
+		err := svc.pool.QueryRow(context.Background(), `
+SELECT state, state_change FROM pg_stat_activity
+ WHERE datname = current_database() AND application_name = 'threeds-records-listen-read'`).Scan(&read, &changed)
+		if err != nil {
+			t.Fatalf("the read session: %v", err)
+		}
+		return read, changed
+	}
+	reads := svc.hub.reads.Load()
+	_, before := state()
+	time.Sleep(10 * heartbeat)
+	st, after := state()
+	if n := svc.hub.reads.Load() - reads; n != 0 {
+		t.Errorf("idle streams caused %d reads", n)
+	}
+	if st != "idle" || !after.Equal(before) {
+		t.Errorf("the read session ran statements while every stream was idle: state %s, state_change %s -> %s", st, before, after)
+	}
+	if pings := svc.hub.events[eventPing].Load(); pings < 5 {
+		t.Errorf("only %d pings: the streams were not exercised", pings)
+	}
 }
