@@ -62,7 +62,7 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(s.limit.wrap(handleMyRecords(store, s.logger))))
 	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
 	// their own (STREAMS_MAX, STREAMS_PER_USER).
-	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
+	s.mux.Handle("GET /3ds/my-records/events", s.eventsHandler())
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)
@@ -152,6 +152,10 @@ func (s *server) route(r *http.Request) (http.Handler, string) {
 		get.Method = http.MethodGet
 		if _, p := s.mux.Handler(&get); p != "" {
 			_, route, _ = strings.Cut(p, " ")
+			if p == eventsRoute {
+				// The stream's own 405: only GET (the mux allows HEAD).
+				return http.HandlerFunc(refuseMethod), route
+			}
 		}
 	}
 	return jsonFallback(h), route
