@@ -39,15 +39,17 @@ var streamTestsForEachSource = []func(*testing.T){
 	TestStreamSendsAPingWhenSilentForTheHeartbeat,
 	TestStreamEndsWithTokenExpiredWhenTheTokenExpires,
 	TestStreamEndsWithKeyRemovedWhenItsKeyLeavesTheKeySet,
-	TestStreamLimitsAnswer429PerUserAnd503OverTheProcessLimit,
+	TestStreamLimitsReplaceTheUsersOldestAndAnswer503OverTheProcessLimit,
 	TestStreamRefusesBeforeStartingWithTheJSONErrorOfTheListEndpoint,
-	TestStreamEndsAtOnceOnShutdownWhileTheListEndpointDrains,
+	TestStreamsAreAdmittedDuringTheShutdownDelayAndEndWhenDrainingStarts,
 	TestStreamOutlivesTheServersReadAndWriteTimeouts,
 	TestStreamMemoryPerOpenStreamStaysUnder32KiB,
 	TestStreamARowItCannotRenderStopsNobodysPush,
 	TestStreamStaysUpOnALongHistoryWithALowQueryTimeout,
 	TestAStreamEndsWithKeyRemovedWhenItsKeyIsReplacedUnderTheSameKid,
 	TestTheEventStreamMatchesTheOpenAPIDocument,
+	TestFiveStreamsThatStopReadingNeverKeepTheSixthOut,
+	TestAReconnectWithLastEventIDGetsTheLiveSnapshotAgain,
 }
 
 func TestEveryStreamTestWithTheWalSource(t *testing.T) {
@@ -456,12 +458,14 @@ const unavailableLine = "live updates are unavailable; the list endpoint keeps w
 func waitUnavailable(t *testing.T, h *hub, logs *syncBuffer) (details string, line map[string]any) {
 	t.Helper()
 	waitFor(t, 30*time.Second, "the stream's 503", func() bool {
-		r := h.available()
-		if r != nil && r.retryAfter == 30 {
-			details = r.details
-			return true
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if h.state != sourceUnavailable {
+			return false
 		}
-		return false
+		r := h.notUpLocked()
+		details = r.details
+		return r.retryAfter == 30
 	})
 	time.Sleep(1500 * time.Millisecond) // a retry or two: still one line
 	var lines []map[string]any
