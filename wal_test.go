@@ -766,3 +766,29 @@ SELECT state, state_change FROM pg_stat_activity
 		t.Errorf("only %d pings: the streams were not exercised", pings)
 	}
 }
+
+// waitForSourceToCatchUp waits, with the wal source, until it has decoded
+// everything written so far: a test that has just written hundreds of
+// thousands of rows of history measures the delay behind them otherwise
+// (TestWalBackfillOfExpiredRowsSendsNothingAndLiveRecordsStillArrive
+// measures that one). The notify source has nothing to catch up on.
+func waitForSourceToCatchUp(t testing.TB, svc *streamService) {
+	t.Helper()
+	if svc.hub.cfg.source != sourceWAL {
+		return
+	}
+	ctx := context.Background()
+	var lsn string
+	if err := svc.pool.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&lsn); err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	waitFor(t, 120*time.Second, "the wal source to decode up to "+lsn, func() bool {
+		var done bool
+		err := svc.pool.QueryRow(ctx, `
+SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots
+ WHERE database = current_database() AND slot_name LIKE 'threeds\_records\_%'`, lsn).Scan(&done)
+		return err == nil && done
+	})
+	t.Logf("the wal source caught up with what was written in %s", time.Since(began).Round(time.Millisecond))
+}
