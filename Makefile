@@ -16,6 +16,12 @@ test:
 bench:
 	bench/run.sh
 
+# What each STREAM_SOURCE costs the writer on a durable cluster, side by side
+# with no source (about 5 minutes); see bench/writer-cost.sh.
+.PHONY: bench-writer
+bench-writer:
+	bench/writer-cost.sh
+
 # Faults and hostile clients against the real binary under load (about 3
 # minutes, not part of test); fails when a value that must be 0 is not.
 # SOAK_ARGS passes flags to the soak program, e.g. SOAK_ARGS='-scale 0.2'.

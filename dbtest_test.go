@@ -225,7 +225,10 @@ func startStandby(t testing.TB, primary *testCluster) *testCluster {
 
 // waitForReplay waits until the standby has replayed everything the primary
 // had written when it was called, so a test can start from the same data
-// on both.
+// on both. The insert position, not pg_current_wal_lsn (the write position):
+// test clusters commit asynchronously, so a commit record may still sit in
+// the WAL buffers (only a notifying commit was flushed at once, which hid
+// this until the trigger's WHEN skipped expired seed rows).
 func waitForReplay(t testing.TB, primaryURL, standbyURL string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -241,7 +244,7 @@ func waitForReplay(t testing.TB, primaryURL, standbyURL string) {
 	}
 	defer standby.Close(ctx)
 	var lsn string
-	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_lsn()::text").Scan(&lsn); err != nil {
+	if err := primary.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&lsn); err != nil {
 		t.Fatalf("primary WAL position: %v", err)
 	}
 	waitFor(t, 30*time.Second, "the standby to replay up to "+lsn, func() bool {

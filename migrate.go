@@ -1,28 +1,17 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	_ "embed"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"strings"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
-
-// schemaFile is schema.sql: the schema, and the steps migrate applies (see
-// its header for how).
-//
-//go:embed schema.sql
-var schemaFile string
-
-// schemaSteps is schemaFile cut into its steps, in order.
-var schemaSteps = mustParseSchema(schemaFile)
 
 // How migrate treats the writer's live table. See runMigrate and migrate.
 const (
@@ -59,101 +48,6 @@ const (
 // service's schema migration.
 const migrateLockKey int64 = 0x3d5_5c4e_3a00
 
-// schemaStep is one object of schema.sql and the statement that creates it.
-type schemaStep struct {
-	kind  string // table, index, function or trigger
-	name  string
-	table string // the trigger's table
-	sql   string
-	body  string // a function's body, as pg_proc.prosrc holds it
-}
-
-func (s schemaStep) object() string { return s.kind + " " + s.name }
-
-// parseSchema cuts schema.sql at its "-- migrate: KIND NAME [on TABLE]"
-// lines. A step's statement runs from its marker to the last line that is
-// not a comment before the next marker: the comments in between document
-// the next step.
-func parseSchema(src string) ([]schemaStep, error) {
-	var steps []schemaStep
-	var lines []string
-	flush := func() error {
-		if len(steps) == 0 {
-			for _, l := range lines {
-				if t := strings.TrimSpace(l); t != "" && !strings.HasPrefix(t, "--") {
-					return fmt.Errorf("schema.sql: %q comes before the first -- migrate: line", t)
-				}
-			}
-			return nil
-		}
-		for len(lines) > 0 {
-			if t := strings.TrimSpace(lines[len(lines)-1]); t != "" && !strings.HasPrefix(t, "--") {
-				break
-			}
-			lines = lines[:len(lines)-1]
-		}
-		st := &steps[len(steps)-1]
-		st.sql = strings.Join(lines, "\n")
-		if st.sql == "" {
-			return fmt.Errorf("schema.sql: %s has no statement", st.object())
-		}
-		return nil
-	}
-	sc := bufio.NewScanner(strings.NewReader(src))
-	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, "-- migrate:")
-		if !ok {
-			lines = append(lines, line)
-			continue
-		}
-		if err := flush(); err != nil {
-			return nil, err
-		}
-		lines = nil
-		f := strings.Fields(rest)
-		st := schemaStep{}
-		switch {
-		case len(f) == 2 && (f[0] == "table" || f[0] == "index" || f[0] == "function"):
-			st.kind, st.name = f[0], f[1]
-		case len(f) == 4 && f[0] == "trigger" && f[2] == "on":
-			st.kind, st.name, st.table = f[0], f[1], f[3]
-		default:
-			return nil, fmt.Errorf("schema.sql: %q is not -- migrate: table|index|function NAME or -- migrate: trigger NAME on TABLE", line)
-		}
-		steps = append(steps, st)
-	}
-	if err := flush(); err != nil {
-		return nil, err
-	}
-	for i := range steps {
-		st := &steps[i]
-		switch st.kind {
-		case "index":
-			// A plain CREATE INDEX would hold every INSERT for the whole build.
-			if !strings.Contains(st.sql, "CREATE INDEX CONCURRENTLY") && !strings.Contains(st.sql, "CREATE UNIQUE INDEX CONCURRENTLY") {
-				return nil, fmt.Errorf("schema.sql: %s is not built CONCURRENTLY", st.object())
-			}
-		case "function":
-			_, after, ok1 := strings.Cut(st.sql, "$$")
-			body, _, ok2 := strings.Cut(after, "$$")
-			if !ok1 || !ok2 {
-				return nil, fmt.Errorf("schema.sql: %s has no $$-quoted body", st.object())
-			}
-			st.body = body
-		}
-	}
-	return steps, nil
-}
-
-func mustParseSchema(src string) []schemaStep {
-	steps, err := parseSchema(src)
-	if err != nil {
-		panic(err)
-	}
-	return steps
-}
-
 // readOnlyServerError is a server that cannot take the schema: a hot
 // standby, or one where transactions are read-only. Retrying cannot help,
 // so migrate stops at once.
@@ -181,9 +75,14 @@ func (e *notAllowedError) Error() string {
 
 func (e *notAllowedError) Unwrap() error { return e.err }
 
-// Migrate applies schema.sql, bounded by the store's timeout, logging nowhere.
-func (s *Store) Migrate(ctx context.Context) error {
-	if err := s.migrate(ctx, slog.New(slog.DiscardHandler)); err != nil {
+// Migrate applies schema.sql for the default source (notify), bounded by the
+// store's timeout, logging nowhere.
+func (s *Store) Migrate(ctx context.Context) error { return s.MigrateFor(ctx, sourceNotify) }
+
+// MigrateFor applies schema.sql for STREAM_SOURCE source (notify or wal),
+// like Migrate.
+func (s *Store) MigrateFor(ctx context.Context, source string) error {
+	if err := s.migrate(ctx, slog.New(slog.DiscardHandler), source); err != nil {
 		return fmt.Errorf("migrate: %w", err)
 	}
 	return nil
@@ -204,8 +103,12 @@ func (s *Store) Migrate(ctx context.Context) error {
 //   - with no statement_timeout, whatever the role or database sets (a build
 //     may take minutes), and a lock_timeout of migrateLockTimeout;
 //   - step by step, each looked up in the catalog first (which locks nothing
-//     an INSERT waits for) and run only when missing or invalid.
-func (s *Store) migrate(ctx context.Context, logger *slog.Logger) error {
+//     an INSERT waits for) and run only when missing or not as written; a
+//     step of the other source is dropped when present.
+func (s *Store) migrate(ctx context.Context, logger *slog.Logger, source string) error {
+	if !slices.Contains(streamSources, source) {
+		return fmt.Errorf("stream source %q is not one of %q", source, streamSources)
+	}
 	ctx, cancel := s.withTimeout(ctx)
 	defer cancel()
 
@@ -222,14 +125,8 @@ func (s *Store) migrate(ctx context.Context, logger *slog.Logger) error {
 		_ = conn.Close(closeCtx)
 	}()
 
-	var inRecovery bool
-	var readOnly string
-	if err := conn.QueryRow(ctx, `
-SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
-       set_config('statement_timeout', '0', false),
-       set_config('lock_timeout', $1, false)`,
-		fmt.Sprintf("%dms", migrateLockTimeout.Milliseconds()),
-	).Scan(&inRecovery, &readOnly, nil, nil); err != nil {
+	inRecovery, readOnly, err := sessionSettings(ctx, conn)
+	if err != nil {
 		return fmt.Errorf("session settings: %w", err)
 	}
 	server := redactedURL(s.pool.Config())
@@ -244,7 +141,7 @@ SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
 		return err
 	}
 	for _, st := range schemaSteps {
-		if err := applyStep(ctx, conn, st, logger); err != nil {
+		if err := applyStep(ctx, conn, st, source, logger); err != nil {
 			if pgErrorCode(err) == "25006" { // read_only_sql_transaction: demoted, or routed to a standby
 				var pgErr *pgconn.PgError
 				errors.As(err, &pgErr)
@@ -257,6 +154,25 @@ SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
 		}
 	}
 	return nil
+}
+
+// sessionSettings lifts statement_timeout, sets lock_timeout and reads
+// whether the server takes writes. The statement itself still runs under
+// whatever statement_timeout the role or database sets: a very short one
+// (tens of milliseconds) can cancel it on a busy server, and as it is
+// idempotent it is simply tried again.
+func sessionSettings(ctx context.Context, conn *pgx.Conn) (inRecovery bool, readOnly string, err error) {
+	for attempt := 1; ; attempt++ {
+		err = conn.QueryRow(ctx, `
+SELECT pg_is_in_recovery(), current_setting('transaction_read_only'),
+       set_config('statement_timeout', '0', false),
+       set_config('lock_timeout', $1, false)`,
+			fmt.Sprintf("%dms", migrateLockTimeout.Milliseconds()),
+		).Scan(&inRecovery, &readOnly, nil, nil)
+		if err == nil || pgErrorCode(err) != "57014" || attempt == 5 { // query_canceled
+			return inRecovery, readOnly, err
+		}
+	}
 }
 
 // lockMigration takes the migration's advisory lock for the session.
@@ -279,12 +195,12 @@ func lockMigration(ctx context.Context, conn *pgx.Conn, logger *slog.Logger) err
 }
 
 // applyStep applies one step, retrying when its lock is busy.
-func applyStep(ctx context.Context, conn *pgx.Conn, st schemaStep, logger *slog.Logger) error {
+func applyStep(ctx context.Context, conn *pgx.Conn, st schemaStep, source string, logger *slog.Logger) error {
 	backoff := migrateFirstBackoff
 	var droppedInvalid bool // by an earlier attempt, which then found the lock busy
 	for attempt := 1; ; attempt++ {
 		start := time.Now()
-		action, err := st.apply(ctx, conn, &droppedInvalid)
+		action, err := st.apply(ctx, conn, source, &droppedInvalid)
 		if err == nil {
 			logger.Info("schema object", "object", st.object(), "action", action,
 				"duration_ms", time.Since(start).Milliseconds())
@@ -302,96 +218,6 @@ func applyStep(ctx context.Context, conn *pgx.Conn, st schemaStep, logger *slog.
 		}
 		backoff *= 2
 	}
-}
-
-// inCurrentSchema restricts a catalog lookup to the schema an unqualified
-// CREATE puts objects in.
-const inCurrentSchema = "to_regnamespace(current_schema())"
-
-// apply brings one object in place and says what it did.
-func (st schemaStep) apply(ctx context.Context, conn *pgx.Conn, droppedInvalid *bool) (action string, err error) {
-	switch st.kind {
-	case "table":
-		var exists bool
-		if err := conn.QueryRow(ctx, `
-SELECT EXISTS (SELECT FROM pg_class WHERE relname = $1 AND relnamespace = `+inCurrentSchema+`)`,
-			st.name).Scan(&exists); err != nil {
-			return "", fmt.Errorf("look up: %w", err)
-		}
-		if exists {
-			return "already in place", nil
-		}
-
-	case "index":
-		var valid bool
-		err := conn.QueryRow(ctx, `
-SELECT i.indisvalid
-  FROM pg_class c
-  JOIN pg_index i ON i.indexrelid = c.oid
- WHERE c.relname = $1 AND c.relnamespace = `+inCurrentSchema,
-			st.name).Scan(&valid)
-		switch {
-		case err == nil && valid:
-			return "already in place", nil
-		case err == nil:
-			// The leftover of an interrupted concurrent build: present, so
-			// IF NOT EXISTS would skip it, but never used by a query.
-			if _, err := conn.Exec(ctx, "DROP INDEX CONCURRENTLY IF EXISTS "+pgx.Identifier{st.name}.Sanitize()); err != nil {
-				return "", fmt.Errorf("drop invalid index: %w", err)
-			}
-			*droppedInvalid = true
-		case !errors.Is(err, pgx.ErrNoRows):
-			return "", fmt.Errorf("look up: %w", err)
-		}
-		if _, err := conn.Exec(ctx, st.sql); err != nil {
-			return "", err
-		}
-		if *droppedInvalid {
-			return "rebuilt invalid index", nil
-		}
-		return "created", nil
-
-	case "function":
-		var src string
-		err := conn.QueryRow(ctx, `
-SELECT prosrc FROM pg_proc WHERE proname = $1 AND pronargs = 0 AND pronamespace = `+inCurrentSchema,
-			st.name).Scan(&src)
-		switch {
-		case err == nil && src == st.body:
-			return "already in place", nil
-		case err == nil:
-			action = "replaced"
-		case errors.Is(err, pgx.ErrNoRows):
-		default:
-			return "", fmt.Errorf("look up: %w", err)
-		}
-
-	case "trigger":
-		var exists bool
-		if err := conn.QueryRow(ctx, `
-SELECT EXISTS (
-  SELECT FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-   WHERE t.tgname = $1 AND NOT t.tgisinternal
-     AND c.relname = $2 AND c.relnamespace = `+inCurrentSchema+`)`,
-			st.name, st.table).Scan(&exists); err != nil {
-			return "", fmt.Errorf("look up: %w", err)
-		}
-		if exists {
-			return "already in place", nil
-		}
-
-	default:
-		return "", fmt.Errorf("unknown kind %q", st.kind)
-	}
-	// No arguments: pgx sends the statement alone over the simple protocol,
-	// so it runs in no transaction block.
-	if _, err := conn.Exec(ctx, st.sql); err != nil {
-		return "", err
-	}
-	if action == "" {
-		action = "created"
-	}
-	return action, nil
 }
 
 // lockBusy reports a statement that gave up on a lock: lock_timeout
@@ -429,9 +255,9 @@ func runMigrate(ctx context.Context, store *Store, cfg *config, logger *slog.Log
 	ctx, cancel := context.WithTimeout(ctx, migrateRunTimeout)
 	defer cancel()
 	for {
-		err := store.migrate(ctx, logger)
+		err := store.migrate(ctx, logger, cfg.streamSource)
 		if err == nil {
-			logger.Info("schema applied", "database", redactedURL(cfg.poolConfig))
+			logger.Info("schema applied", "database", redactedURL(cfg.poolConfig), "stream_source", cfg.streamSource)
 			return nil
 		}
 		var readOnly *readOnlyServerError

@@ -789,23 +789,21 @@ func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldin
 func TestMigrateSchemaStepsAreTheContractsObjectsInOrder(t *testing.T) {
 	var got []string
 	for _, st := range schemaSteps {
-		got = append(got, st.object())
+		got = append(got, st.object()+" on "+st.table+" when "+st.source)
 	}
 	want := []string{
-		"table threeds_records",
-		"index threeds_records_user_page_idx",
-		"function threeds_records_notify",
-		"trigger threeds_records_notify_insert",
-		"index threeds_records_long_lived_idx",
+		"table threeds_records on  when ",
+		"index threeds_records_user_page_idx on  when ",
+		"function threeds_records_notify on  when ",
+		"trigger threeds_records_notify_insert on threeds_records when notify",
+		"publication threeds_records_events on threeds_records when wal",
+		"index threeds_records_long_lived_idx on  when ",
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("schema.sql steps %q, want %q", got, want)
 	}
-	if tr := schemaSteps[3]; tr.table != "threeds_records" {
-		t.Errorf("the trigger's table is %q", tr.table)
-	}
 	for _, st := range schemaSteps {
-		if strings.Count(st.sql, "CREATE ") != 1 || strings.Contains(st.sql, "-- migrate:") {
+		if strings.Count(st.sql, "CREATE ") != 1 || strings.Contains(st.sql, "-- migrate:") || strings.Contains(st.sql, `\`) {
 			t.Errorf("%s is not one statement:\n%s", st.object(), st.sql)
 		}
 	}
@@ -821,10 +819,20 @@ func TestMigrateSchemaParserRefusesAStepThatWouldStallTheWriter(t *testing.T) {
 			"CREATE TABLE t (a int);\n-- migrate: table t\nCREATE TABLE t (a int);\n", "before the first"},
 		{"a trigger must name its table, to be looked up on it",
 			"-- migrate: trigger tr\nCREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();\n", "is not -- migrate:"},
+		{"a publication must name its table, to be compared with it",
+			"-- migrate: publication p when wal\nCREATE PUBLICATION p FOR TABLE t;\n", "is not -- migrate:"},
 		{"a step needs a statement",
 			"-- migrate: table t\n-- only a comment\n", "has no statement"},
+		{"a step made only of psql's lines has no statement for migrate",
+			"-- migrate: table t\n\\if :{?wal}\n\\endif\n", "has no statement"},
 		{"a function's body is compared with the catalog's",
 			"-- migrate: function f\nCREATE FUNCTION f() RETURNS int LANGUAGE sql RETURN 1;\n", "no $$-quoted body"},
+		{"a table belongs to every source: migrate would drop the writer's data for the other",
+			"-- migrate: table t when wal\nCREATE TABLE t (a int);\n", "only a trigger or a publication"},
+		{"an index belongs to every source: the page query needs it",
+			"-- migrate: index i when notify\nCREATE INDEX CONCURRENTLY i ON t (a);\n", "only a trigger or a publication"},
+		{"a source that STREAM_SOURCE cannot name",
+			"-- migrate: trigger tr on t when kafka\nCREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f();\n", `when "kafka"`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -833,6 +841,16 @@ func TestMigrateSchemaParserRefusesAStepThatWouldStallTheWriter(t *testing.T) {
 				t.Errorf("parseSchema: %v, want an error containing %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+func TestMigrateSchemaParserLeavesPsqlsLinesOutAndReadsTheSource(t *testing.T) {
+	steps, err := parseSchema("-- migrate: publication p on t when wal\n\\if :{?wal}\nCREATE PUBLICATION p FOR TABLE t;\n\\endif\n")
+	if err != nil {
+		t.Fatalf("parseSchema: %v", err)
+	}
+	if len(steps) != 1 || steps[0].sql != "CREATE PUBLICATION p FOR TABLE t;" || steps[0].source != "wal" || steps[0].table != "t" {
+		t.Errorf("steps %+v, want the publication on t for wal with its statement alone", steps)
 	}
 }
 

@@ -1,19 +1,35 @@
 -- The schema `threeds-records migrate` keeps in place. threeds_records is
 -- written by the card-issuer integration all day; this service only reads it.
 -- migrate never drops the writer's data and never stalls its inserts.
+-- Needs PostgreSQL 14 or later (CREATE OR REPLACE TRIGGER).
 --
--- How migrate applies this file (migrate.go): each "-- migrate: KIND NAME"
--- line starts one step, holding one statement. For each step migrate first
--- looks in the catalog (pg_class, pg_index, pg_proc, pg_trigger), which takes
--- no lock on the table, and runs the statement only when the object is
--- missing (or, for the index, INVALID: dropped CONCURRENTLY, then rebuilt).
--- Every statement runs on its own, outside any transaction block, under a
--- short lock_timeout, and is retried with backoff when the lock is busy.
--- So the statements below need no IF NOT EXISTS of their own, and must not
--- rely on one: CREATE INDEX IF NOT EXISTS takes its lock before it looks at
--- the name.
+-- Two ways to apply it:
 --
--- Order matters: the trigger needs the table and the function.
+-- * `threeds-records migrate` (migrate.go), the way to run it against the
+--   writer's live table. Each "-- migrate: KIND NAME ..." line starts one
+--   step, holding one statement. For each step migrate first looks in the
+--   catalog (pg_class, pg_index, pg_proc, pg_trigger, pg_publication), which
+--   takes no lock on the table, and runs the statement only when the object
+--   is missing or not as written here (an INVALID index, a trigger without
+--   its WHEN or disabled). A step ending in "when SOURCE" belongs to that
+--   STREAM_SOURCE alone: migrate installs it for that source and drops it for
+--   the other. Every statement runs on its own, outside any transaction
+--   block, under a short lock_timeout, and is retried with backoff when the
+--   lock is busy. migrate never relies on the statements' own IF NOT EXISTS:
+--   CREATE INDEX IF NOT EXISTS takes its lock before it looks at the name.
+--
+-- * `psql -f schema.sql`, as a DBA may, any number of times: every statement
+--   is idempotent on its own (IF NOT EXISTS, CREATE OR REPLACE). It installs
+--   the default source, notify (the function and its trigger), and removes
+--   nothing. `psql -v wal=1 -f schema.sql` also creates the wal source's
+--   publication: the first step of switching sources without a gap (see
+--   docs/operating.md). The lines that start with a backslash are psql's
+--   own commands (\if); migrate leaves them out.
+--
+-- Order matters: the trigger needs the table and the function; the
+-- publication needs the table. The second index comes last so that its
+-- build, which waits for every older transaction, never holds up the
+-- source's objects.
 
 -- migrate: table threeds_records
 CREATE TABLE IF NOT EXISTS threeds_records (
@@ -35,7 +51,7 @@ CREATE TABLE IF NOT EXISTS threeds_records (
 -- CONCURRENTLY: the build takes SHARE UPDATE EXCLUSIVE, which INSERTs do not
 -- conflict with, so the writer keeps inserting however long the build takes.
 -- migrate: index threeds_records_user_page_idx
-CREATE INDEX CONCURRENTLY threeds_records_user_page_idx
+CREATE INDEX CONCURRENTLY IF NOT EXISTS threeds_records_user_page_idx
     ON threeds_records (user_id, received_at DESC, id DESC)
     INCLUDE (passcode, amount, currency, merchant_name, expires_after);
 
@@ -43,7 +59,8 @@ CREATE INDEX CONCURRENTLY threeds_records_user_page_idx
 -- stored. The payload is "<user_id>:<id>" in decimal and nothing else: any
 -- role that can connect can LISTEN on any channel, so never the passcode.
 -- NOTIFY is delivered at commit, so a listener never hears of a row it cannot
--- read yet. Replacing a function takes no lock on the table.
+-- read yet. Replacing a function takes no lock on the table. Kept under
+-- STREAM_SOURCE=wal too: without its trigger nothing calls it.
 -- migrate: function threeds_records_notify
 CREATE OR REPLACE FUNCTION threeds_records_notify() RETURNS trigger
     LANGUAGE plpgsql AS $$
@@ -53,13 +70,48 @@ BEGIN
 END
 $$;
 
--- CREATE TRIGGER locks the table in SHARE ROW EXCLUSIVE mode, which INSERTs
--- wait for, so migrate issues it only when the trigger is missing, and then
--- only for as long as lock_timeout lets it wait.
--- migrate: trigger threeds_records_notify_insert on threeds_records
-CREATE TRIGGER threeds_records_notify_insert
-    AFTER INSERT ON threeds_records
-    FOR EACH ROW EXECUTE FUNCTION threeds_records_notify();
+-- The notify source. The WHEN skips rows that are no longer live (the
+-- contract's "received_at + expires_after later than now"): a backfill of old,
+-- expired records queues no notification, and so takes no NOTIFY lock at
+-- commit. now() is the inserting transaction's start. Written with now() on
+-- the right, because received_at + expires_after can leave the timestamp
+-- range (a received_at far in the future) and an error here would fail the
+-- writer's INSERT; now() minus at most 68 years cannot.
+-- CREATE (OR REPLACE) TRIGGER and ENABLE TRIGGER lock the table in SHARE ROW
+-- EXCLUSIVE mode, and DROP TRIGGER in ACCESS EXCLUSIVE mode: INSERTs wait for
+-- both (and reads for the second), so migrate issues them only when the
+-- trigger is not as written here, and only for as long as lock_timeout lets
+-- them wait. The DO block carries that lock_timeout for psql too (which,
+-- unlike migrate, replaces the trigger on every run); SET LOCAL ends with
+-- the block's transaction.
+-- migrate: trigger threeds_records_notify_insert on threeds_records when notify
+DO $$
+BEGIN
+    SET LOCAL lock_timeout = '1s';
+    CREATE OR REPLACE TRIGGER threeds_records_notify_insert
+        AFTER INSERT ON threeds_records
+        FOR EACH ROW
+        WHEN (NEW.received_at > now() - NEW.expires_after * interval '1 second')
+        EXECUTE FUNCTION threeds_records_notify();
+END
+$$;
+
+-- The wal source: logical decoding (pgoutput) of the table's inserts.
+-- CREATE PUBLICATION ... FOR TABLE takes SHARE UPDATE EXCLUSIVE on the table,
+-- which INSERTs do not wait for; DROP PUBLICATION locks only the publication.
+-- A publication costs the writer nothing: decoding happens in the WAL sender
+-- of the service's (temporary) slot.
+-- migrate: publication threeds_records_events on threeds_records when wal
+\if :{?wal}
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'threeds_records_events') THEN
+        CREATE PUBLICATION threeds_records_events FOR TABLE threeds_records
+            WITH (publish = 'insert');
+    END IF;
+END
+$$;
+\endif
 
 -- The event stream's snapshot and resync read only live records, per user
 -- through two index ranges (liveread.go): rows received within the last day
@@ -68,7 +120,7 @@ CREATE TRIGGER threeds_records_notify_insert
 -- because a passcode lives minutes. The predicate's 86400 must stay the
 -- literal in liveread.go's query (longLivedSeconds) for the planner to use it.
 -- migrate: index threeds_records_long_lived_idx
-CREATE INDEX CONCURRENTLY threeds_records_long_lived_idx
+CREATE INDEX CONCURRENTLY IF NOT EXISTS threeds_records_long_lived_idx
     ON threeds_records (user_id, received_at DESC, id DESC)
     INCLUDE (passcode, amount, currency, merchant_name, expires_after)
     WHERE expires_after > 86400;
