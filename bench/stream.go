@@ -110,21 +110,72 @@ type streamResult struct {
 	pgbenchNote                       string
 }
 
+// runStreamScenario migrates the database for -source, seeds the history
+// when the production cases run (everything after runs on it), then runs the
+// parts -stream-parts names.
 func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
 	n := *streamsFlag
 	if n < 1 || n > o.users {
 		return false, fmt.Errorf("-streams %d: must be 1..-users (%d): each stream needs a seeded user with a token", n, o.users)
 	}
+	if *sourceFlag != "notify" && *sourceFlag != "wal" {
+		return false, fmt.Errorf("-source %q: want notify or wal", *sourceFlag)
+	}
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < uint64(n)+256 {
 		return false, fmt.Errorf("open-files limit %d is below %d streams + 256: raise it (ulimit -n) for this process and the service", lim.Cur, n)
 	}
+	if err := migrateFor(ctx, o.dsn, *sourceFlag); err != nil {
+		return false, err
+	}
+	if wantPart("production") {
+		if err := seedHistory(ctx, admin, prodPlan()); err != nil {
+			return false, err
+		}
+	}
+	ok := true
+	if wantPart("steady") {
+		steadyOK, err := runSteady(ctx, o, admin, tokens, jwksPath)
+		if err != nil {
+			return false, err
+		}
+		ok = ok && steadyOK
+	}
+	if wantPart("production") {
+		prodOK, err := runProduction(ctx, o, admin, tokens, jwksPath)
+		if err != nil {
+			return false, fmt.Errorf("production cases: %w", err)
+		}
+		ok = ok && prodOK
+	}
+	return ok, nil
+}
+
+// migrateFor runs the release binary's `migrate` with STREAM_SOURCE=source,
+// which installs what that source needs (the trigger, or the publication).
+func migrateFor(ctx context.Context, dsn, source string) error {
+	cmd := exec.CommandContext(ctx, *migrateBin, "migrate")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "DATABASE_URL=" + dsn, "STREAM_SOURCE=" + source}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s migrate with STREAM_SOURCE=%s: %v: %s", *migrateBin, source, err, lastLines(out, 5))
+	}
+	return nil
+}
+
+// runSteady is issue 9's scenario: latency, memory per stream, what idle
+// streams cost the database and (notify) what the trigger costs the writer.
+func runSteady(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
+	n := *streamsFlag
+	// The trigger's cost is the notify source's; the writer's cost of both
+	// sources side by side is bench/trigger-durable.sh.
 	var triggerDef string
-	err := admin.QueryRow(ctx, `SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'threeds_records'::regclass`, notifyTrigger).Scan(&triggerDef)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return false, fmt.Errorf("the trigger %s is not on threeds_records: `threeds-records migrate` did not install it", notifyTrigger)
-	} else if err != nil {
-		return false, fmt.Errorf("read the trigger: %w", err)
+	if *sourceFlag == "notify" {
+		err := admin.QueryRow(ctx, `SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'threeds_records'::regclass`, notifyTrigger).Scan(&triggerDef)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false, fmt.Errorf("the trigger %s is not on threeds_records: `threeds-records migrate` did not install it", notifyTrigger)
+		} else if err != nil {
+			return false, fmt.Errorf("read the trigger: %w", err)
+		}
 	}
 	var maxID int64
 	if err := admin.QueryRow(ctx, "SELECT coalesce(max(id), 0) FROM threeds_records").Scan(&maxID); err != nil {
@@ -139,7 +190,7 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	}()
 
 	so := o
-	so.serviceEnv = append([]string{"STREAMS_MAX=" + strconv.Itoa(n)}, o.serviceEnv...)
+	so.serviceEnv = append([]string{"STREAMS_MAX=" + strconv.Itoa(n), "STREAM_SOURCE=" + *sourceFlag}, o.serviceEnv...)
 	svc, err := startService(ctx, so, jwksPath)
 	if err != nil {
 		return false, err
@@ -195,7 +246,7 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	logf("stream: idle window without streams (%s + stats flush)", *streamIdle)
 	r.xactsNone, r.queriesNone = idleWindow()
 
-	b := &streamBench{addr: svc.addr, tokens: tokens, arrivals: map[int64]*arrival{}, owner: map[int64]int64{}}
+	b := newStreamBench(svc.addr, tokens)
 	defer b.closeAll()
 	logf("stream: opening %d streams, %d at a time", n, *streamOpenC)
 	start := time.Now()
@@ -232,6 +283,10 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 
 	logf("stream: writer throughput with and without the trigger (pgbench, %d x %s each)", *pgbenchRounds, *pgbenchT)
 	pb, err := newPgbench(o)
+	if err == nil && triggerDef == "" {
+		err = fmt.Errorf("STREAM_SOURCE=%s has no trigger to measure; bench/trigger-durable.sh compares the writer's cost of both sources", *sourceFlag)
+		pb = nil
+	}
 	if err == nil {
 		err = pb.withAndWithout(ctx, admin, triggerDef, r, pid)
 	}

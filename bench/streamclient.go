@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -23,6 +24,7 @@ type arrival struct {
 	user  int64     // the stream that got it first
 	count int       // times it arrived over all streams
 	wrong bool      // arrived on a stream other than its user's
+	live  bool      // first arrived after its stream's ready (else: in a snapshot)
 }
 
 // streamBench holds the open streams and what they read.
@@ -32,7 +34,12 @@ type streamBench struct {
 
 	mu       sync.Mutex
 	arrivals map[int64]*arrival
-	owner    map[int64]int64 // record id → user, filled by the writer
+	owner    map[int64]int64     // record id → user, filled by the writer
+	readyAt  map[int64]time.Time // user → when its stream reached ready
+
+	// trackSnapshot: snapshot records count as arrivals too (the production
+	// cases judge every record, whether a snapshot or the live feed sent it).
+	trackSnapshot bool
 
 	pings, snapshot, ends atomic.Int64
 	dropped               atomic.Int64
@@ -49,34 +56,75 @@ type streamBench struct {
 // open starts n streams (users 1..n), c being opened at a time, and returns
 // once each is past `event: ready` or refused.
 func (b *streamBench) open(ctx context.Context, n, c int) (opened, refused int, first string) {
-	sem := make(chan struct{}, c)
-	results := make(chan error, n)
-	for u := int64(1); u <= int64(n); u++ {
+	users := make([]int64, n)
+	for i := range users {
+		users[i] = int64(i + 1)
+	}
+	res := b.openUsers(ctx, users, c)
+	if res.first == "" && res.busy > 0 {
+		res.first = "HTTP 503 with Retry-After (over STREAMS_MAX)"
+	}
+	return len(res.opened), res.refused, res.first
+}
+
+// openResult is how a set of streams opened.
+type openResult struct {
+	opened       map[int64]bool // users whose stream reached ready
+	refused      int            // every failure, the 503s included
+	busy         int            // of which 503 with Retry-After (over STREAMS_MAX)
+	first        string         // the first failure that was not such a 503
+	lastAnswered time.Duration  // from the start until the last ready or refusal
+}
+
+// openUsers opens one stream per user, c being opened at a time (c =
+// len(users): all at once), and returns once each is past ready or refused.
+func (b *streamBench) openUsers(ctx context.Context, users []int64, c int) openResult {
+	res := openResult{opened: make(map[int64]bool, len(users))}
+	sem := make(chan struct{}, max(c, 1))
+	type answer struct {
+		user int64
+		err  error
+	}
+	results := make(chan answer, len(users))
+	start := time.Now()
+	for _, u := range users {
 		select {
 		case sem <- struct{}{}:
 		case <-ctx.Done():
-			results <- ctx.Err()
+			results <- answer{u, ctx.Err()}
 			continue
 		}
 		go func() {
 			b.stream(ctx, u, func(err error) {
 				<-sem
-				results <- err
+				results <- answer{u, err}
 			})
 		}()
 	}
-	for range n {
-		if err := <-results; err != nil {
-			refused++
-			if first == "" {
-				first = err.Error()
+	for range users {
+		a := <-results
+		res.lastAnswered = time.Since(start)
+		var busy *busyError
+		switch {
+		case a.err == nil:
+			res.opened[a.user] = true
+		case errors.As(a.err, &busy):
+			res.refused++
+			res.busy++
+		default:
+			res.refused++
+			if res.first == "" {
+				res.first = a.err.Error()
 			}
-		} else {
-			opened++
 		}
 	}
-	return opened, refused, first
+	return res
 }
+
+// busyError is the contract's answer over STREAMS_MAX: 503 with Retry-After.
+type busyError struct{ retryAfter string }
+
+func (e *busyError) Error() string { return "HTTP 503 with Retry-After: " + e.retryAfter }
 
 // stream is one client: a raw connection (net/http's client keeps more per
 // connection than 10,000 of them should cost the load generator), the
@@ -109,6 +157,11 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
 	if err != nil {
 		signal(err)
+		conn.Close()
+		return
+	}
+	if ra := resp.Header.Get("Retry-After"); resp.StatusCode == http.StatusServiceUnavailable && ra != "" {
+		signal(&busyError{retryAfter: ra})
 		conn.Close()
 		return
 	}
@@ -150,12 +203,16 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 					// No deadline from here on: a stream is silent for up to
 					// STREAM_HEARTBEAT, and closeAll ends the reads.
 					_ = conn.SetDeadline(time.Time{})
+					b.mu.Lock()
+					b.readyAt[user] = now
+					b.mu.Unlock()
 					signal(nil)
 				}
 			case "record":
-				if isReady {
-					b.arrived(id, user, now)
-				} else {
+				if isReady || b.trackSnapshot {
+					b.arrived(id, user, now, isReady)
+				}
+				if !isReady {
 					b.snapshot.Add(1)
 				}
 			case "end":
@@ -178,12 +235,12 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 	}
 }
 
-func (b *streamBench) arrived(id, user int64, at time.Time) {
+func (b *streamBench) arrived(id, user int64, at time.Time, live bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	a := b.arrivals[id]
 	if a == nil {
-		a = &arrival{at: at, user: user}
+		a = &arrival{at: at, user: user, live: live}
 		b.arrivals[id] = a
 	}
 	a.count++
@@ -202,4 +259,8 @@ func (b *streamBench) closeAll() {
 		c.Close()
 	}
 	b.conns = nil
+}
+
+func newStreamBench(addr string, tokens map[int64]string) *streamBench {
+	return &streamBench{addr: addr, tokens: tokens, arrivals: map[int64]*arrival{}, owner: map[int64]int64{}, readyAt: map[int64]time.Time{}}
 }
