@@ -104,6 +104,7 @@ type prodResult struct {
 	resynced     int           // streams that got their sweep-1 record
 	resyncTime   time.Duration // kill → the last of them; -1 if some never did
 	sweep2Got    int
+	sweep2Commit time.Duration
 	sweep2Lat    []time.Duration
 
 	phases                         []*latPhase
@@ -311,16 +312,21 @@ func (p *prodRun) killAndSweep(ctx context.Context, admin *pgx.Conn, r *prodResu
 	}
 	logf("stream: %d of %d streams got a record committed after the kill; the last %s after it", got, len(ids1), last.Sub(killAt).Round(time.Millisecond))
 
-	ids2, _, err := p.sweep(ctx, admin, open, bySweep2)
+	// Measured from the INSERT being sent: the bench's reading of 10,000
+	// events competes with its own pgx client for the CPU, so when it hears
+	// of the commit says little.
+	sent := time.Now()
+	ids2, took2, err := p.sweep(ctx, admin, open, bySweep2)
 	if err != nil {
 		return err
 	}
+	r.sweep2Commit = took2
 	r.sweep2Got, _ = p.waitIDs(ctx, ids2, *resyncWait)
 	p.b.mu.Lock()
 	defer p.b.mu.Unlock()
 	for _, id := range ids2 {
 		if a := p.b.arrivals[id]; a != nil {
-			r.sweep2Lat = append(r.sweep2Lat, max(0, a.at.Sub(p.commits[id])))
+			r.sweep2Lat = append(r.sweep2Lat, a.at.Sub(sent))
 		}
 	}
 	slices.Sort(r.sweep2Lat)
@@ -452,8 +458,8 @@ func printProdReport(w io.Writer, r *prodResult) {
 	}
 	fmt.Fprintf(w, "  source killed:    %d session(s) terminated; a sweep of one record per open stream committed in %s right after; %d of %d streams got theirs, the last %s after the kill\n",
 		r.killed, r.sweep1Commit.Round(time.Millisecond), r.resynced, len(r.burst.opened), resync)
-	fmt.Fprintf(w, "  healed session:   a second sweep: %d of %d arrived; p50 %s ms, p99 %s ms, max %s ms\n",
-		r.sweep2Got, len(r.burst.opened), msStr(pct(r.sweep2Lat, 0.5)), msStr(pct(r.sweep2Lat, 0.99)), msStr(pct(r.sweep2Lat, 1)))
+	fmt.Fprintf(w, "  healed session:   a second sweep (its INSERT took %s): %d of %d arrived; from the INSERT sent: p50 %s ms, p99 %s ms, max %s ms\n",
+		r.sweep2Commit.Round(time.Millisecond), r.sweep2Got, len(r.burst.opened), msStr(pct(r.sweep2Lat, 0.5)), msStr(pct(r.sweep2Lat, 0.99)), msStr(pct(r.sweep2Lat, 1)))
 	for _, ph := range r.phases {
 		fmt.Fprintf(w, "  commit → event:   %-38s %5d records: p50 %s ms, p99 %s ms, max %s ms\n",
 			ph.name, len(ph.lat), msStr(pct(ph.lat, 0.5)), msStr(pct(ph.lat, 0.99)), msStr(pct(ph.lat, 1)))
