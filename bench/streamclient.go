@@ -37,6 +37,8 @@ type streamBench struct {
 	owner    map[int64]int64     // record id → user, filled by the writer
 	readyAt  map[int64]time.Time // user → when its stream reached ready
 
+	readyWithin time.Duration // the bound on reaching ready; 0: 60 s
+
 	// trackSnapshot: snapshot records count as arrivals too (the production
 	// cases judge every record, whether a snapshot or the live feed sent it).
 	trackSnapshot bool
@@ -61,8 +63,8 @@ func (b *streamBench) open(ctx context.Context, n, c int) (opened, refused int, 
 		users[i] = int64(i + 1)
 	}
 	res := b.openUsers(ctx, users, c)
-	if res.first == "" && res.busy > 0 {
-		res.first = "HTTP 503 with Retry-After (over STREAMS_MAX)"
+	if res.first == "" {
+		res.first = res.firstBusy
 	}
 	return len(res.opened), res.refused, res.first
 }
@@ -71,8 +73,9 @@ func (b *streamBench) open(ctx context.Context, n, c int) (opened, refused int, 
 type openResult struct {
 	opened       map[int64]bool // users whose stream reached ready
 	refused      int            // every failure, the 503s included
-	busy         int            // of which 503 with Retry-After (over STREAMS_MAX)
+	busy         int            // of which 503 with Retry-After
 	first        string         // the first failure that was not such a 503
+	firstBusy    string         // the first such 503
 	lastAnswered time.Duration  // from the start until the last ready or refusal
 }
 
@@ -111,6 +114,9 @@ func (b *streamBench) openUsers(ctx context.Context, users []int64, c int) openR
 		case errors.As(a.err, &busy):
 			res.refused++
 			res.busy++
+			if res.firstBusy == "" {
+				res.firstBusy = busy.Error()
+			}
 		default:
 			res.refused++
 			if res.first == "" {
@@ -122,9 +128,11 @@ func (b *streamBench) openUsers(ctx context.Context, users []int64, c int) openR
 }
 
 // busyError is the contract's answer over STREAMS_MAX: 503 with Retry-After.
-type busyError struct{ retryAfter string }
+type busyError struct{ retryAfter, body string }
 
-func (e *busyError) Error() string { return "HTTP 503 with Retry-After: " + e.retryAfter }
+func (e *busyError) Error() string {
+	return "HTTP 503 with Retry-After " + e.retryAfter + ": " + e.body
+}
 
 // stream is one client: a raw connection (net/http's client keeps more per
 // connection than 10,000 of them should cost the load generator), the
@@ -146,7 +154,11 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 	b.connsMu.Lock()
 	b.conns = append(b.conns, conn)
 	b.connsMu.Unlock()
-	_ = conn.SetDeadline(time.Now().Add(60 * time.Second))
+	readyWithin := 60 * time.Second
+	if b.readyWithin > 0 {
+		readyWithin = b.readyWithin
+	}
+	_ = conn.SetDeadline(time.Now().Add(readyWithin))
 	req := "GET /3ds/my-records/events HTTP/1.1\r\nHost: " + b.addr + "\r\nAccept: text/event-stream\r\nAuthorization: Bearer " + b.tokens[user] + "\r\n\r\n"
 	if _, err := io.WriteString(conn, req); err != nil {
 		signal(err)
@@ -161,7 +173,8 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 		return
 	}
 	if ra := resp.Header.Get("Retry-After"); resp.StatusCode == http.StatusServiceUnavailable && ra != "" {
-		signal(&busyError{retryAfter: ra})
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		signal(&busyError{retryAfter: ra, body: string(bytes.TrimSpace(body))})
 		conn.Close()
 		return
 	}
