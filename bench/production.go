@@ -350,7 +350,11 @@ func (p *prodRun) killAndSweep(ctx context.Context, admin *pgx.Conn, r *prodResu
 	if got == len(ids1) {
 		r.resyncTime = last.Sub(killAt)
 	}
-	logf("stream: %d of %d streams got a record committed after the kill; the last %s after it", got, len(ids1), last.Sub(killAt).Round(time.Millisecond))
+	if got > 0 {
+		logf("stream: %d of %d streams got a record committed after the kill; the last %s after it", got, len(ids1), last.Sub(killAt).Round(time.Millisecond))
+	} else {
+		logf("stream: none of %d streams got a record committed after the kill within %s", len(ids1), *resyncWait)
+	}
 
 	// Measured from the INSERT being sent: the bench's reading of 10,000
 	// events competes with its own pgx client for the CPU, so when it hears
