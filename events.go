@@ -1,7 +1,7 @@
 package main
 
 // GET /3ds/my-records/events: Server-Sent Events of the signed-in user's new
-// records (contract section 6). The hub (listener.go) does the reading; this
+// records (contract section 6). The hub (streams.go) and its source do the reading; this
 // handler owns the connection: it writes, keeps the heartbeat, and ends the
 // stream when the token expires, its key leaves the set, the service shuts
 // down, or the client stops reading. Everything runs on the handler's own
@@ -27,6 +27,17 @@ var (
 	readyEvent = []byte("event: ready\ndata: {}\n\n")
 	pingEvent  = []byte(": ping\n\n")
 )
+
+// recordFrame is the SSE event for one record; data is exactly what the list
+// endpoint shows for it (the same encoder), on one line.
+func recordFrame(r *Record) []byte {
+	b := make([]byte, 0, 64+len(r.Passcode)+len(r.Amount)+len(r.MerchantName)+64)
+	b = append(b, "event: record\nid: "...)
+	b = strconv.AppendInt(b, r.ID, 10)
+	b = append(b, "\ndata: "...)
+	b = appendRecord(b, r)
+	return append(b, "\n\n"...)
+}
 
 func endEvent(r endReason) []byte {
 	return []byte(`event: end` + "\n" + `data: {"reason":"` + r.String() + `"}` + "\n\n")

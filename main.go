@@ -62,8 +62,10 @@ type config struct {
 	logLevel        slog.Level
 	maxInFlight     int
 
-	// The event stream (contract section 6): the LISTEN session's target
-	// and the limits.
+	// The event stream (contract section 6): where new records come from,
+	// the source session's target and the limits. migrate reads
+	// streamSource too: it installs what that source needs.
+	streamSource    string
 	listenConfig    *pgx.ConnConfig
 	streamsMax      int
 	streamsPerUser  int
@@ -112,6 +114,9 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 		c.poolConfig.ConnConfig.ConnectTimeout = defaultConnectTimeout
 	}
 	if c.logLevel, err = logLevelVar(getenv); err != nil {
+		return nil, err
+	}
+	if c.streamSource, err = streamSourceVar(getenv); err != nil {
 		return nil, err
 	}
 	if migrateOnly {
@@ -188,11 +193,15 @@ func loadConfig(getenv func(string) string, migrateOnly bool) (*config, error) {
 // pg_stat_activity.
 func loadStreamConfig(getenv func(string) string, c *config) error {
 	if raw := getenv("DATABASE_LISTEN_URL"); raw != "" {
-		cc, err := pgx.ParseConfig(raw)
+		// Parsed as the pool's URL is, so that pool parameters copied from
+		// DATABASE_URL (pool_max_conns, ...) are taken out rather than
+		// sent to the server as settings it refuses at every connect.
+		pc, err := pgxpool.ParseConfig(raw)
 		if err != nil {
 			// The parse error may quote the URL, password included.
 			return &configError{"DATABASE_LISTEN_URL", "is not a valid PostgreSQL connection string or URL"}
 		}
+		cc := pc.ConnConfig
 		rp := cc.RuntimeParams
 		if _, set := rp["statement_timeout"]; !set {
 			rp["statement_timeout"] = strconv.FormatInt(c.queryTimeout.Milliseconds(), 10)
@@ -220,12 +229,25 @@ func loadStreamConfig(getenv func(string) string, c *config) error {
 	if c.streamHeartbeat, err = durationVar(getenv, "STREAM_HEARTBEAT", 15*time.Second); err != nil {
 		return err
 	}
-	if c.streamHeartbeat > 5*time.Minute {
+	if c.streamHeartbeat < time.Second || c.streamHeartbeat > 5*time.Minute {
 		// Gateways and load balancers close connections idle for about a
-		// minute; a longer silence defeats the heartbeat's purpose.
-		return &configError{"STREAM_HEARTBEAT", "must be at most 5m (gateways close idle connections after about 60s)"}
+		// minute, so a longer silence defeats the heartbeat's purpose; a
+		// shorter one than a second is a typo that floods every client.
+		return &configError{"STREAM_HEARTBEAT", fmt.Sprintf("%s is outside 1s..5m", c.streamHeartbeat)}
 	}
 	return nil
+}
+
+// streamSourceVar reads STREAM_SOURCE: notify (default) or wal.
+func streamSourceVar(getenv func(string) string) (string, error) {
+	switch s := getenv("STREAM_SOURCE"); s {
+	case "", sourceNotify:
+		return sourceNotify, nil
+	case sourceWAL:
+		return sourceWAL, nil
+	default:
+		return "", &configError{"STREAM_SOURCE", fmt.Sprintf("%q must be notify or wal", s)}
+	}
 }
 
 // intVar reads a decimal integer in lo..hi.
@@ -345,6 +367,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	verifier := NewVerifier(cfg.auth, logger)
 	defer verifier.Close()
 	hub := newHub(hubConfig{
+		source:       cfg.streamSource,
 		conn:         cfg.listenConfig,
 		maxStreams:   cfg.streamsMax,
 		perUser:      cfg.streamsPerUser,
@@ -388,6 +411,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 		"max_in_flight", cfg.maxInFlight,
 		"shutdown_timeout", cfg.shutdownTimeout.String(),
 		"shutdown_delay", cfg.shutdownDelay.String(),
+		"stream_source", cfg.streamSource,
 		"streams_max", cfg.streamsMax,
 		"streams_per_user", cfg.streamsPerUser,
 		"stream_heartbeat", cfg.streamHeartbeat.String(),

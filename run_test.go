@@ -192,6 +192,9 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{"a LISTEN_ADDR with a port name", map[string]string{"LISTEN_ADDR": ":http"}, "LISTEN_ADDR"},
 		{"a DB_QUERY_TIMEOUT under a millisecond", map[string]string{"DB_QUERY_TIMEOUT": "999us"}, "DB_QUERY_TIMEOUT"},
 		{"a DB_QUERY_TIMEOUT over a day", map[string]string{"DB_QUERY_TIMEOUT": "24h0m0.001s"}, "DB_QUERY_TIMEOUT"},
+		{"a STREAM_HEARTBEAT under a second", map[string]string{"STREAM_HEARTBEAT": "1ms"}, "STREAM_HEARTBEAT"},
+		{"a STREAM_HEARTBEAT over five minutes", map[string]string{"STREAM_HEARTBEAT": "5m1s"}, "STREAM_HEARTBEAT"},
+		{"an unknown STREAM_SOURCE", map[string]string{"STREAM_SOURCE": "kafka"}, "STREAM_SOURCE"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name+" is a config error naming "+tc.variable, func(t *testing.T) {
@@ -218,6 +221,47 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 				t.Errorf("error %q reveals the database password", err)
 			}
 		})
+	}
+}
+
+func TestPoolParametersInTheListenURLAreIgnoredNotSentToTheServer(t *testing.T) {
+	for _, tc := range []struct{ name, listenURL string }{
+		{"a URL copied from DATABASE_URL", "postgres://u:pw@127.0.0.1:5432/db?pool_max_conns=8&pool_min_conns=2&application_name=x"},
+		{"keyword/value form", "host=127.0.0.1 port=5432 user=u dbname=db pool_max_conns=8 pool_health_check_period=10s"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := serviceEnv("postgres://u:pw@127.0.0.1:5432/db", "https://idp.test/jwks")
+			env["DATABASE_LISTEN_URL"] = tc.listenURL
+			cfg, err := loadConfig(envFunc(env), false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k := range cfg.listenConfig.RuntimeParams {
+				if strings.HasPrefix(k, "pool_") {
+					t.Errorf("%s would be sent to the server as a setting", k)
+				}
+			}
+		})
+	}
+}
+
+func TestStreamSourceIsReadForMigrateToo(t *testing.T) {
+	for _, tc := range []struct {
+		value, want string
+		migrate     bool
+	}{
+		{"", sourceNotify, false}, {"notify", sourceNotify, false}, {"wal", sourceWAL, false},
+		{"", sourceNotify, true}, {"wal", sourceWAL, true},
+	} {
+		env := map[string]string{"DATABASE_URL": "postgres://u:pw@127.0.0.1:5432/db", "STREAM_SOURCE": tc.value}
+		if !tc.migrate {
+			env = serviceEnv("postgres://u:pw@127.0.0.1:5432/db", "https://idp.test/jwks")
+			env["STREAM_SOURCE"] = tc.value
+		}
+		cfg, err := loadConfig(envFunc(env), tc.migrate)
+		if err != nil || cfg.streamSource != tc.want {
+			t.Errorf("STREAM_SOURCE=%q (migrate %v): %v, %q; want %q", tc.value, tc.migrate, err, cfg.streamSource, tc.want)
+		}
 	}
 }
 

@@ -1,0 +1,337 @@
+package main
+
+// STREAM_SOURCE=notify: the AFTER INSERT trigger that migrate installs
+// NOTIFYs "<user_id>:<id>" on commit, and one LISTEN session per process
+// hears it.
+//
+// One goroutine owns a dedicated *pgx.Conn on DATABASE_LISTEN_URL. It LISTENs,
+// proves that notifications are really delivered, and then alternates between
+// waiting for notifications and reading records on that same session: the
+// snapshots new streams ask for, the records named by a batch of
+// notifications, and after every reconnect the live records of every user
+// with an open stream. Reading through the listening session itself is what
+// makes the visibility argument hold: PostgreSQL delivers a notification only
+// once the notifying transaction is committed and visible to new snapshots on
+// that server, so a query that starts after the notification (or after the
+// stream subscribed) sees the row. A replica behind DATABASE_URL might not have
+// it yet, so the query pool is never used here. One session also means one
+// connection per process, however many streams are open, and a stream that
+// waits costs the database nothing.
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+const (
+	// notifyChannel and the payload "<user_id>:<id>" are the shared decision
+	// with the trigger `migrate` installs (threeds_records_notify_insert).
+	notifyChannel = "threeds_records_inserted"
+	notifyTrigger = "threeds_records_notify_insert"
+
+	// drainWindow is how long the listener keeps reading after a
+	// notification so that notifications that arrived together (one
+	// transaction inserting many rows, or a burst) become one read.
+	drainWindow = time.Millisecond
+	maxDrain    = 1000
+)
+
+// notification is one parsed payload.
+type notification struct {
+	userID, id int64
+	at         time.Time
+}
+
+// notifySource is the LISTEN session.
+type notifySource struct {
+	h     *hub
+	probe string // this process's probe channel
+
+	// noStatementTimeout: the target refused the statement_timeout startup
+	// parameter (a pooler, see statementTimeoutFallback); connect without
+	// it from then on. Reads stay bounded by their client-side deadline.
+	noStatementTimeout atomic.Bool
+}
+
+func newNotifySource(h *hub) *notifySource {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return &notifySource{h: h, probe: "threeds_records_probe_" + hex.EncodeToString(b[:])}
+}
+
+// session runs one LISTEN session: connect, LISTEN, probe, then serve reads
+// until the connection fails. up reports whether it got as far as listening.
+func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err error) {
+	h := n.h
+	// incoming and probed are written by OnNotification, which pgx calls
+	// on this goroutine from inside whatever call is reading the socket.
+	var incoming []notification
+	probed := false
+	cfg := n.connConfig()
+	cfg.OnNotification = func(_ *pgconn.PgConn, note *pgconn.Notification) {
+		switch note.Channel {
+		case notifyChannel:
+			h.notifications.Add(1)
+			if uid, id, ok := parsePayload(note.Payload); ok {
+				incoming = append(incoming, notification{userID: uid, id: id, at: time.Now()})
+			} else {
+				h.badPayloads.Add(1)
+			}
+		case n.probe:
+			probed = true
+		}
+	}
+	// A LISTEN session is idle for long stretches; without keepalives a
+	// peer that vanished (failover without a reset) would leave it waiting
+	// for minutes. Keepalives cost the database no transaction.
+	dialer := &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}
+	cfg.DialFunc = dialer.DialContext
+
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil && n.refusedStatementTimeout(err) {
+		delete(cfg.RuntimeParams, "statement_timeout")
+		conn, err = pgx.ConnectConfig(ctx, cfg)
+	}
+	if err != nil {
+		return false, fmt.Errorf("connect: %w", err)
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = conn.Close(cctx)
+	}()
+	pg := conn.PgConn()
+
+	if _, err := conn.Exec(ctx, "LISTEN "+notifyChannel+"; LISTEN "+n.probe); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
+			return false, &unavailableError{
+				details: directSession + " (it points at a hot standby, which cannot LISTEN)",
+				fix:     "DATABASE_LISTEN_URL to a direct session to the primary (not a standby, not a transaction-mode pooler)",
+				err:     err,
+			}
+		}
+		return false, fmt.Errorf("listen: %w", err)
+	}
+
+	// Prove that notifications reach this session: a pooler in transaction
+	// mode accepts LISTEN but hands the server connection to other clients
+	// afterwards, so nothing is ever delivered. The probe must come from
+	// another session: a session's own NOTIFY reaches it even there.
+	if err := n.sendProbe(ctx); err != nil {
+		return false, fmt.Errorf("probe: %w", err)
+	}
+	deadline := time.Now().Add(h.cfg.probeTimeout)
+	for !probed {
+		wctx, cancel := context.WithDeadline(ctx, deadline)
+		err := pg.WaitForNotification(wctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return false, ctx.Err()
+			}
+			if time.Now().Before(deadline) || pg.IsClosed() {
+				return false, fmt.Errorf("wait for the probe: %w", err)
+			}
+			return false, &unavailableError{
+				details: directSession + " (LISTEN was accepted but no notification arrived within " + h.cfg.probeTimeout.String() + ": a pooler in transaction mode?)",
+				fix:     "DATABASE_LISTEN_URL to a direct session to the primary, bypassing PgBouncer or any transaction-mode pooler",
+				err:     errors.New("the self-probe notification never arrived"),
+			}
+		}
+	}
+
+	qctx, cancel := context.WithTimeout(ctx, h.cfg.queryTimeout)
+	var hasTrigger bool
+	err = conn.QueryRow(qctx, `
+SELECT EXISTS (SELECT 1 FROM pg_trigger
+                WHERE tgrelid = to_regclass('threeds_records') AND tgname = $1 AND tgenabled <> 'D')`,
+		notifyTrigger).Scan(&hasTrigger)
+	cancel()
+	if err != nil {
+		return false, fmt.Errorf("look for the notify trigger: %w", err)
+	}
+	if !hasTrigger {
+		return false, &unavailableError{
+			details: "the database has no notify trigger on threeds_records; run `threeds-records migrate`",
+			fix:     "run `threeds-records migrate` against the primary (it installs trigger " + notifyTrigger + ")",
+			err:     errors.New("trigger " + notifyTrigger + " is missing or disabled"),
+		}
+	}
+
+	// LISTEN came first, so everything committed from here on is notified;
+	// re-reading the live records of every open stream now covers whatever
+	// was committed while no session was listening.
+	h.sourceUpAgain(everUp)
+
+	for {
+		if users, snap := h.takeSnapshots(); len(users) > 0 || len(snap) > 0 {
+			byUser, err := h.readLive(ctx, conn, users, nil, nil)
+			if err != nil {
+				return true, err
+			}
+			h.deliver(snap, byUser)
+			continue
+		}
+		if len(incoming) > 0 {
+			ids, notified, consumed := n.streamedIDs(incoming)
+			incoming = incoming[:copy(incoming, incoming[consumed:])]
+			if len(ids) > 0 {
+				byUser, err := h.readLive(ctx, conn, nil, ids, notified)
+				if err != nil {
+					return true, err
+				}
+				h.deliver(nil, byUser)
+			}
+			continue
+		}
+
+		wctx, cancel, busy := h.waitForWork(ctx)
+		if busy {
+			continue
+		}
+		err := pg.WaitForNotification(wctx)
+		h.doneWaiting()
+		woken := wctx.Err() != nil
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return true, ctx.Err()
+			}
+			// A wake-up interrupts the read with a deadline; pgx leaves the
+			// connection usable after a timeout.
+			if woken && !pg.IsClosed() {
+				continue
+			}
+			return true, fmt.Errorf("wait for notification: %w", err)
+		}
+		// Batching only pays when there is something to read: the writer's
+		// notifications for users nobody streams are most of them, and a
+		// timed drain after each would cost a timer, a deadline and a
+		// wake-up apiece (about 70 µs of CPU per notification measured by
+		// make bench's pgbench phase).
+		if n.streamedAmong(incoming) {
+			if err := n.drain(ctx, pg); err != nil {
+				return true, err
+			}
+		}
+	}
+}
+
+// drain reads whatever notifications arrived together with the first one.
+func (n *notifySource) drain(ctx context.Context, pg *pgconn.PgConn) error {
+	for range maxDrain {
+		dctx, cancel := context.WithTimeout(ctx, drainWindow)
+		err := pg.WaitForNotification(dctx)
+		timedOut := dctx.Err() != nil
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if timedOut && !pg.IsClosed() {
+				return nil
+			}
+			return fmt.Errorf("wait for notification: %w", err)
+		}
+	}
+	return nil
+}
+
+// connConfig is a copy of DATABASE_LISTEN_URL's settings for one connection.
+func (n *notifySource) connConfig() *pgx.ConnConfig {
+	cfg := n.h.cfg.conn.Copy()
+	if n.noStatementTimeout.Load() {
+		delete(cfg.RuntimeParams, "statement_timeout")
+	}
+	return cfg
+}
+
+// refusedStatementTimeout reports a pooler's refusal of the statement_timeout
+// startup parameter; the next attempt goes without it, and the self-probe
+// then tells whether LISTEN works there. No log line of its own: when the
+// pooler is DATABASE_URL's too, the pool's warning has said it once, and
+// otherwise the probe's verdict says what to set.
+func (n *notifySource) refusedStatementTimeout(err error) bool {
+	if !refusesStatementTimeout(err) {
+		return false
+	}
+	n.noStatementTimeout.Store(true)
+	return true
+}
+
+// sendProbe notifies the probe channel from a session of its own.
+func (n *notifySource) sendProbe(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, n.h.cfg.probeTimeout)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(ctx, n.connConfig())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	// No parameters: the simple protocol, which works through any pooler.
+	_, err = conn.Exec(ctx, "NOTIFY "+n.probe)
+	return err
+}
+
+// parsePayload reads "<user_id>:<id>", both positive decimal int64.
+func parsePayload(s string) (userID, id int64, ok bool) {
+	u, i, found := strings.Cut(s, ":")
+	if !found {
+		return 0, 0, false
+	}
+	var err error
+	if userID, err = strconv.ParseInt(u, 10, 64); err != nil || userID <= 0 {
+		return 0, 0, false
+	}
+	if id, err = strconv.ParseInt(i, 10, 64); err != nil || id <= 0 {
+		return 0, 0, false
+	}
+	return userID, id, true
+}
+
+// streamedAmong reports whether a notification in incoming is for a user
+// with an open stream.
+func (n *notifySource) streamedAmong(incoming []notification) bool {
+	for _, note := range incoming {
+		if n.h.streamed(note.userID) {
+			return true
+		}
+	}
+	return false
+}
+
+// streamedIDs collects the record ids the next read covers and reports how
+// many of incoming it consumed. Notifications of users without an open
+// stream are dropped here: no read for them (a stream that subscribes later
+// reads its snapshot after the record was committed, so it sees it).
+func (n *notifySource) streamedIDs(incoming []notification) (ids []int64, notified map[int64]time.Time, consumed int) {
+	for _, note := range incoming {
+		if consumed == maxDrain {
+			break
+		}
+		consumed++
+		if !n.h.streamed(note.userID) {
+			continue
+		}
+		if notified == nil {
+			notified = make(map[int64]time.Time)
+		}
+		if _, dup := notified[note.id]; !dup {
+			notified[note.id] = note.at
+			ids = append(ids, note.id)
+		}
+	}
+	return ids, notified, consumed
+}

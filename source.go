@@ -1,0 +1,162 @@
+package main
+
+// Where the event streams' new records come from (contract section 6,
+// STREAM_SOURCE). A source keeps one session per process to the primary
+// (DATABASE_LISTEN_URL) and feeds the hub (streams.go): after every
+// (re)connect it first subscribes to new records, then asks the hub for a
+// resync (every open stream's live records are read again), then serves the
+// hub's snapshot requests and hands it each new record. The hub runs the
+// session in a loop with backoff and turns the source's state into the
+// stream's 503s and one log line per change.
+//
+// Sources: notify (listen.go: an AFTER INSERT trigger's NOTIFY and one LISTEN
+// session) and wal (logical decoding of the table's inserts).
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// recordSource is one way of hearing about new records.
+type recordSource interface {
+	// session runs one session until it fails or ctx ends. up reports
+	// whether it got as far as being subscribed (the hub then resets its
+	// backoff). An *unavailableError means it cannot work where it points.
+	session(ctx context.Context, everUp bool) (up bool, err error)
+}
+
+// newSource builds the source STREAM_SOURCE names.
+func newSource(h *hub) recordSource {
+	switch h.cfg.source {
+	case sourceWAL:
+		return unbuiltSource{}
+	default:
+		return newNotifySource(h)
+	}
+}
+
+// unbuiltSource stands in for the wal source until it exists.
+type unbuiltSource struct{}
+
+func (unbuiltSource) session(context.Context, bool) (bool, error) {
+	return false, &unavailableError{
+		details: "STREAM_SOURCE=wal is not available in this build",
+		fix:     "STREAM_SOURCE=notify",
+		err:     errors.New("no wal source"),
+	}
+}
+
+// unavailableError is a source that cannot work where it points: retrying
+// soon will not help, the configuration has to change.
+type unavailableError struct {
+	details string // for the 503 body
+	fix     string // for the log: what to set
+	err     error
+}
+
+func (e *unavailableError) Error() string { return e.details + ": " + e.err.Error() }
+func (e *unavailableError) Unwrap() error { return e.err }
+
+const directSession = "DATABASE_LISTEN_URL must be a direct session to the primary"
+
+// run keeps the source's session up until ctx ends.
+func (h *hub) run(ctx context.Context) {
+	defer close(h.done)
+	backoff := h.cfg.retryMin
+	everUp := false
+	for {
+		up, err := h.src.session(ctx, everUp)
+		if ctx.Err() != nil {
+			h.setState(sourceDown, "live updates are stopping", nil)
+			return
+		}
+		if up {
+			everUp = true
+			backoff = h.cfg.retryMin
+		}
+		wait := backoff
+		var un *unavailableError
+		if errors.As(err, &un) {
+			h.setState(sourceUnavailable, "live updates are unavailable: "+un.details, un)
+			wait = h.cfg.unavailableRetry
+		} else {
+			h.setState(sourceDown, "live updates are reconnecting to the database; retry shortly", err)
+			backoff = min(backoff*2, h.cfg.retryMax)
+		}
+		// Jitter, so the replicas of a fleet do not reconnect in step after
+		// a failover.
+		var b [1]byte
+		_, _ = rand.Read(b[:])
+		wait += wait * time.Duration(b[0]) / 1024
+		select {
+		case <-ctx.Done():
+			h.setState(sourceDown, "live updates are stopping", nil)
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// sourceUpAgain is what a source calls once it is subscribed: everything
+// committed from now on reaches it, so re-reading every open stream's live
+// records covers whatever was committed while nothing was subscribed.
+func (h *hub) sourceUpAgain(everUp bool) {
+	h.requestResync()
+	if everUp {
+		h.reconnects.Add(1)
+	}
+	h.setState(sourceUp, "", nil)
+}
+
+// setState records a state change and logs it once. Entering "unavailable"
+// ends the open streams: they would never receive anything, and their
+// clients should fall back to polling the list.
+func (h *hub) setState(st sourceState, why string, err error) {
+	h.mu.Lock()
+	old, oldWhy := h.state, h.why
+	h.state, h.why = st, why
+	if st == sourceUnavailable {
+		for _, list := range h.users {
+			for _, s := range append([]*stream(nil), list...) {
+				h.kickLocked(s, endUnavailable)
+			}
+		}
+		h.pending = h.pending[:0]
+	}
+	h.mu.Unlock()
+	if old == st && oldWhy == why {
+		return
+	}
+	target := redactedConnURL(h.cfg.conn)
+	switch st {
+	case sourceUp:
+		if old == sourceConnecting {
+			h.logger.Info("live updates: receiving new records", "source", h.cfg.source, "listen_database", target)
+		} else {
+			h.logger.Info("live updates: receiving again; re-reading what open streams missed", "source", h.cfg.source, "listen_database", target)
+		}
+	case sourceDown:
+		if err == nil {
+			return
+		}
+		h.logger.Warn("live updates: the source session is down; reconnecting with backoff",
+			"source", h.cfg.source, "listen_database", target, "error", err.Error())
+	case sourceUnavailable:
+		var un *unavailableError
+		errors.As(err, &un)
+		h.logger.Error("live updates are unavailable; the list endpoint keeps working",
+			"source", h.cfg.source, "listen_database", target, "reason", un.details, "set", un.fix, "error", un.err.Error())
+	}
+}
+
+// redactedConnURL is a connection's target fit for a log line.
+func redactedConnURL(cc *pgx.ConnConfig) string {
+	return fmt.Sprintf("postgres://%s:xxxxx@%s/%s", cc.User, net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port))), cc.Database)
+}
