@@ -519,7 +519,7 @@ func printProdReport(w io.Writer, r *prodResult) {
 	fmt.Fprintf(w, "\nstream production cases (issue 14), STREAM_SOURCE=%s: %d rows of expired history (%d users × %d, user %d × %d); writer %d records/s to random streamed users throughout\n",
 		*sourceFlag, r.plan.rows(), r.plan.users, r.plan.perUser, r.plan.bigID, r.plan.bigRows, *streamRate)
 	fmt.Fprintf(w, "  burst:            %d connects at once (STREAMS_MAX=%d): %d ready, %d refused (%d of them 503 + Retry-After); the last answered after %s%s\n",
-		n, r.streamsMax, len(r.burst.opened), r.burst.refused, r.burst.busy, r.burst.lastAnswered.Round(time.Millisecond), quoted(r.burst.first))
+		n, r.streamsMax, len(r.burst.opened), r.burst.refused, r.burst.busy, r.burst.lastAnswered.Round(time.Millisecond), quoted(r.burst.first+r.burst.firstBusy))
 	if r.refilled > 0 || len(r.burst.opened) < n {
 		fmt.Fprintf(w, "                    then retrying those refused, %d at a time: %d more opened in %s\n", *streamOpenC, r.refilled, r.refillTime.Round(time.Millisecond))
 	}
