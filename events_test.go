@@ -621,11 +621,11 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 		t.Errorf("reconnects = %d, want 1", n)
 	}
 	m := parseExposition(t, scrapeText(t, svc.URL))
-	if v := m.value(t, "threeds_listen_reconnects_total"); v != 1 {
-		t.Errorf("threeds_listen_reconnects_total = %v, want 1", v)
+	if v := m.value(t, "threeds_stream_source_reconnects_total"); v != 1 {
+		t.Errorf("threeds_stream_source_reconnects_total = %v, want 1", v)
 	}
-	if v := m.value(t, "threeds_listen_up"); v != 1 {
-		t.Errorf("threeds_listen_up = %v, want 1", v)
+	if v := m.value(t, "threeds_stream_source_up"); v != 1 {
+		t.Errorf("threeds_stream_source_up = %v, want 1", v)
 	}
 }
 
@@ -1038,8 +1038,8 @@ func TestStreamAnswers503AndTheLogSaysWhatToSetWhenListenGoesThroughPgBouncer(t 
 	if reason, _ := lines[0]["reason"].(string); !strings.Contains(reason, "no notification arrived") {
 		t.Errorf("the unavailable line's reason %q is not the probe's", reason)
 	}
-	if m := parseExposition(t, scrapeText(t, rs.base)); m.value(t, "threeds_listen_up") != 0 {
-		t.Error("threeds_listen_up is not 0")
+	if m := parseExposition(t, scrapeText(t, rs.base)); m.value(t, "threeds_stream_source_up") != 0 {
+		t.Error("threeds_stream_source_up is not 0")
 	}
 }
 

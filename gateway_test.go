@@ -270,7 +270,7 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 	// works without it); a stream opened before it is up is a 503.
 	waitFor(t, 15*time.Second, "the LISTEN session", func() bool {
 		_, body := svc.get(t, "/metrics", "")
-		return strings.Contains(string(body), "\nthreeds_listen_up 1\n")
+		return strings.Contains(string(body), "\nthreeds_stream_source_up{source=\"notify\"} 1\n")
 	})
 	return &gatewayService{svc: svc, key: key, pool: newTestPool(t, dsn, nil)}
 }

@@ -43,7 +43,9 @@ type server struct {
 
 // newServer registers every route in one place.
 func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, opts ...serverOption) *server {
-	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, hub: hub, logger: logger,
+	// Error lines logged with a request's context carry its trace_id; the
+	// access log adds its own (logRequest) on its fast path.
+	s := &server{mux: http.NewServeMux(), store: store, verifier: verifier, hub: hub, logger: withTraceIDs(logger),
 		access: slog.New(accessHandler(logger)), limit: newInFlightLimit(defaultMaxInFlight)}
 	for _, o := range opts {
 		o(s)
@@ -51,9 +53,10 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.metrics = newMetrics(store, verifier)
 	s.metrics.limit = s.limit
 	s.metrics.hub = hub
+	s.metrics.notReady = s.notReady
 	// The limit comes first so that a shed request costs no token check;
 	// only the API routes get it (see inFlightLimit.wrap).
-	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, logger))))
+	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, s.logger))))
 	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
 	// their own (STREAMS_MAX, STREAMS_PER_USER).
 	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
@@ -69,9 +72,12 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 type requestInfo struct {
 	start     time.Time
 	requestID string
-	userID    int64
-	authDur   time.Duration
-	dbDur     time.Duration
+	// traceID is the trace id of a valid W3C traceparent header ("" when
+	// none was sent or it was malformed): logged so a trace finds its line.
+	traceID string
+	userID  int64
+	authDur time.Duration
+	dbDur   time.Duration
 	// authReject is why a token was refused, so a support engineer can
 	// explain a 401 from the access log alone.
 	authReject string
@@ -86,22 +92,23 @@ func requestInfoFrom(ctx context.Context) *requestInfo {
 	return &requestInfo{start: time.Now()}
 }
 
+// eventsRoute is the event stream's pattern: its 200 is a stream, timed
+// apart from requests (see metrics.streamStarted).
+const eventsRoute = "GET /3ds/my-records/events"
+
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// "X-Request-Id" is how net/http spells X-Request-ID in its maps (the
 	// wire spelling does not matter to HTTP): written so, the key is not
 	// rebuilt and allocated twice on every request.
-	info := &requestInfo{start: time.Now(), requestID: requestID(r.Header.Get("X-Request-Id"))}
+	info := &requestInfo{start: time.Now(), requestID: requestID(r.Header.Get("X-Request-Id")),
+		traceID: traceID(r.Header["Traceparent"])}
 	w.Header().Set("X-Request-Id", info.requestID)
 	r = r.WithContext(context.WithValue(r.Context(), infoKey{}, info))
 	rec := &statusRecorder{ResponseWriter: w}
 
-	h, route := s.mux.Handler(r)
-	if route == "" || path.Clean(r.URL.Path) != r.URL.Path {
-		// The mux's own 404 and 405 answers are plain text, and for an
-		// unclean path it answers a redirect under the clean route's name;
-		// rewrite all of them as JSON errors, keeping the Allow header.
-		route = "unmatched"
-		h = jsonFallback(h)
+	h, route := s.route(r)
+	if route == eventsRoute && r.Method == http.MethodGet {
+		rec.streams = s.metrics
 	}
 	h.ServeHTTP(rec, r)
 
@@ -115,10 +122,43 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	elapsed := time.Since(info.start)
-	s.metrics.observe(route, rec.status, elapsed)
+	if rec.streamed {
+		s.metrics.streamEnded(elapsed)
+	} else {
+		s.metrics.observe(route, rec.status, elapsed)
+	}
+	s.logRequest(r, route, rec, elapsed, info)
+}
+
+// route is the handler for r and the label its metrics and log line carry:
+// the matched pattern, the path alone for a method the path does not allow
+// (its 405), "unmatched" for anything else.
+func (s *server) route(r *http.Request) (http.Handler, string) {
+	h, route := s.mux.Handler(r)
+	if route != "" && path.Clean(r.URL.Path) == r.URL.Path {
+		return h, route
+	}
+	// The mux's own 404 and 405 answers are plain text, and for an unclean
+	// path it answers a redirect under the clean route's name; all of them
+	// are rewritten as JSON errors, keeping the Allow header.
+	route = "unmatched"
+	if path.Clean(r.URL.Path) == r.URL.Path {
+		// A 405: every route is a GET, so the path's route is the one a
+		// GET would match. Only this rare answer pays for the second lookup.
+		get := *r
+		get.Method = http.MethodGet
+		if _, p := s.mux.Handler(&get); p != "" {
+			_, route, _ = strings.Cut(p, " ")
+		}
+	}
+	return jsonFallback(h), route
+}
+
+// logRequest writes the request's access line.
+func (s *server) logRequest(r *http.Request, route string, rec *statusRecorder, elapsed time.Duration, info *requestInfo) {
 	// Room for the optional attributes below, so appending them does not
 	// copy the slice.
-	attrs := make([]slog.Attr, 0, 9)
+	attrs := make([]slog.Attr, 0, 10)
 	attrs = append(attrs,
 		slog.String("method", r.Method),
 		slog.String("route", route),
@@ -128,6 +168,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 		slog.String("request_id", info.requestID),
 	)
+	if info.traceID != "" {
+		attrs = append(attrs, slog.String("trace_id", info.traceID))
+	}
 	if info.userID != 0 {
 		attrs = append(attrs, slog.Int64("user_id", info.userID))
 	}
@@ -163,22 +206,34 @@ type statusRecorder struct {
 	http.ResponseWriter
 	status int
 	bytes  int64
+	// streams is set on the event stream's route: its 200 starts a stream,
+	// counted then (streamed) rather than when the stream ends.
+	streams  *metrics
+	streamed bool
 }
 
 func (r *statusRecorder) WriteHeader(code int) {
 	if r.status == 0 {
-		r.status = code
+		r.setStatus(code)
 	}
 	r.ResponseWriter.WriteHeader(code)
 }
 
 func (r *statusRecorder) Write(b []byte) (int, error) {
 	if r.status == 0 {
-		r.status = http.StatusOK
+		r.setStatus(http.StatusOK)
 	}
 	n, err := r.ResponseWriter.Write(b)
 	r.bytes += int64(n)
 	return n, err
+}
+
+func (r *statusRecorder) setStatus(code int) {
+	r.status = code
+	if r.streams != nil && code == http.StatusOK {
+		r.streamed = true
+		r.streams.streamStarted(eventsRoute)
+	}
 }
 
 func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
@@ -452,26 +507,31 @@ func handleHealthz(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *server) handleReadyz(w http.ResponseWriter, r *http.Request) {
-	var why string
-	switch {
-	case s.draining.Load():
-		why = "the service is shutting down"
-	case !s.verifier.Ready():
-		why = "verification keys are not loaded yet"
-	case s.store.saturated():
-		// Every connection is busy running queries, so the database is
-		// answering; a ping would only queue behind them, time out and take
-		// a merely busy pod out of rotation, pushing its load onto the rest.
-	default:
-		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := s.store.Ping(ctx); err != nil {
-			why = "the database is not reachable"
-		}
-	}
-	if why != "" {
+	if why := s.notReady(r.Context()); why != "" {
 		writeError(w, r, http.StatusServiceUnavailable, "not_ready", why)
 		return
 	}
 	writeJSON(w, r, http.StatusOK, map[string]string{"status": "ready"})
+}
+
+// notReady says why the instance is not ready, or "" when it is: /readyz's
+// answer, and threeds_ready at each scrape.
+func (s *server) notReady(ctx context.Context) string {
+	switch {
+	case s.draining.Load():
+		return "the service is shutting down"
+	case !s.verifier.Ready():
+		return "verification keys are not loaded yet"
+	case s.store.saturated():
+		// Every connection is busy running queries, so the database is
+		// answering; a ping would only queue behind them, time out and take
+		// a merely busy pod out of rotation, pushing its load onto the rest.
+		return ""
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := s.store.Ping(ctx); err != nil {
+		return "the database is not reachable"
+	}
+	return ""
 }

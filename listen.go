@@ -106,6 +106,15 @@ func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err e
 	if err != nil {
 		return false, fmt.Errorf("connect: %w", err)
 	}
+	if n.noStatementTimeout.Load() {
+		// A pooler refused it at start-up; in a session it passes SET, and
+		// the reads need the server-side bound to fail without closing
+		// the session (liveread.go).
+		if _, err := conn.Exec(ctx, "SET statement_timeout = "+strconv.FormatInt(h.cfg.queryTimeout.Milliseconds(), 10)); err != nil {
+			_ = conn.Close(context.Background())
+			return false, fmt.Errorf("set statement_timeout: %w", err)
+		}
+	}
 	defer func() {
 		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
@@ -176,23 +185,16 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 	h.sourceUpAgain(everUp)
 
 	for {
-		if users, snap := h.takeSnapshots(); len(users) > 0 || len(snap) > 0 {
-			byUser, err := h.readLive(ctx, conn, users, nil, nil)
-			if err != nil {
-				return true, err
-			}
-			h.deliver(snap, byUser)
+		if did, err := h.serveSnapshots(ctx, conn); err != nil {
+			return true, err
+		} else if did {
 			continue
 		}
 		if len(incoming) > 0 {
-			ids, notified, consumed := n.streamedIDs(incoming)
+			batch, consumed := n.streamedIDs(incoming)
 			incoming = incoming[:copy(incoming, incoming[consumed:])]
-			if len(ids) > 0 {
-				byUser, err := h.readLive(ctx, conn, nil, ids, notified)
-				if err != nil {
-					return true, err
-				}
-				h.deliver(nil, byUser)
+			if err := n.readBatch(ctx, conn, batch); err != nil {
+				return true, err
 			}
 			continue
 		}
@@ -254,6 +256,10 @@ func (n *notifySource) connConfig() *pgx.ConnConfig {
 	cfg := n.h.cfg.conn.Copy()
 	if n.noStatementTimeout.Load() {
 		delete(cfg.RuntimeParams, "statement_timeout")
+	} else if _, set := cfg.RuntimeParams["statement_timeout"]; !set {
+		// Reads on the session rely on it (liveread.go): main sets it from
+		// DB_QUERY_TIMEOUT; a hub built another way gets the same.
+		cfg.RuntimeParams["statement_timeout"] = strconv.FormatInt(n.h.cfg.queryTimeout.Milliseconds(), 10)
 	}
 	return cfg
 }
@@ -312,11 +318,18 @@ func (n *notifySource) streamedAmong(incoming []notification) bool {
 	return false
 }
 
+// notifiedBatch is what one read of notified records covers.
+type notifiedBatch struct {
+	ids      []int64
+	notified map[int64]time.Time // id -> when the source heard of it
+	owners   map[int64]int64     // id -> the payload's user (only to re-read that user if the id's read fails)
+}
+
 // streamedIDs collects the record ids the next read covers and reports how
 // many of incoming it consumed. Notifications of users without an open
 // stream are dropped here: no read for them (a stream that subscribes later
 // reads its snapshot after the record was committed, so it sees it).
-func (n *notifySource) streamedIDs(incoming []notification) (ids []int64, notified map[int64]time.Time, consumed int) {
+func (n *notifySource) streamedIDs(incoming []notification) (b notifiedBatch, consumed int) {
 	for _, note := range incoming {
 		if consumed == maxDrain {
 			break
@@ -325,13 +338,50 @@ func (n *notifySource) streamedIDs(incoming []notification) (ids []int64, notifi
 		if !n.h.streamed(note.userID) {
 			continue
 		}
-		if notified == nil {
-			notified = make(map[int64]time.Time)
+		if b.notified == nil {
+			b.notified = make(map[int64]time.Time)
+			b.owners = make(map[int64]int64)
 		}
-		if _, dup := notified[note.id]; !dup {
-			notified[note.id] = note.at
-			ids = append(ids, note.id)
+		if _, dup := b.notified[note.id]; !dup {
+			b.notified[note.id] = note.at
+			b.owners[note.id] = note.userID
+			b.ids = append(b.ids, note.id)
 		}
 	}
-	return ids, notified, consumed
+	return b, consumed
+}
+
+// readBatch reads and delivers the notified records. A record whose own read
+// fails is not lost: its user's live records are read again instead (the
+// streams' sent sets drop what they already have), and a user whose read
+// fails too has its streams ended with `unavailable`. err means the session
+// is lost.
+func (n *notifySource) readBatch(ctx context.Context, conn *pgx.Conn, b notifiedBatch) error {
+	if len(b.ids) == 0 {
+		return nil
+	}
+	h := n.h
+	byUser, failedIDs, err := h.readNotified(ctx, conn, b.ids, b.notified)
+	if err != nil {
+		return err
+	}
+	h.deliver(nil, byUser)
+	if len(failedIDs) == 0 {
+		return nil
+	}
+	seen := make(map[int64]bool)
+	var users []int64
+	for _, id := range failedIDs {
+		if uid := b.owners[id]; !seen[uid] {
+			seen[uid] = true
+			users = append(users, uid)
+		}
+	}
+	byUser, failed, err := h.readLive(ctx, conn, users)
+	if err != nil {
+		return err
+	}
+	h.deliver(nil, byUser)
+	h.endUsers(failed)
+	return nil
 }

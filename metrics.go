@@ -1,9 +1,13 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"math"
 	"net/http"
+	"os"
 	"runtime"
+	rtmetrics "runtime/metrics"
 	"slices"
 	"strconv"
 	"strings"
@@ -13,16 +17,25 @@ import (
 )
 
 // metrics is a hand-written Prometheus text exposition: a handful of
-// counters and one histogram do not justify a client library.
+// counters and histograms do not justify a client library.
 type metrics struct {
 	store    *Store
 	verifier *Verifier
 	limit    *inFlightLimit // MAX_IN_FLIGHT of the API routes
 	hub      *hub           // nil: the stream families are exposed at zero
+	// notReady is /readyz's check ("" when ready), run at each scrape for
+	// threeds_ready; nil reports ready.
+	notReady func(context.Context) string
 
 	mu       sync.Mutex
 	requests map[routeCode]*atomic.Int64
 	latency  map[string]*histogram
+
+	// An event stream's lifetime is not a request's latency: it has series
+	// of its own, so that an all-routes quantile of the request histogram
+	// stays a quantile of requests (see streamStarted).
+	streamsOpened  atomic.Int64
+	streamDuration streamHistogram
 }
 
 type routeCode struct {
@@ -35,10 +48,36 @@ type routeCode struct {
 // An array, so the histogram's counts are sized from it at compile time.
 var latencyBuckets = [...]float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}
 
+// streamBuckets in seconds: a stream lives from a moment (a client that
+// goes away at once, a refused key) to its token's lifetime (minutes to
+// hours; a day at most).
+var streamBuckets = [...]float64{1, 10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400}
+
 type histogram struct {
 	counts [len(latencyBuckets) + 1]atomic.Int64 // per bucket (not cumulative), then +Inf
-	sumNs  atomic.Int64
+	sum    floatSum
 }
+
+type streamHistogram struct {
+	counts [len(streamBuckets) + 1]atomic.Int64
+	sum    floatSum
+}
+
+// floatSum is a sum of seconds that cannot wrap: an int64 of nanoseconds
+// does after 292 years of summed time, i.e. ten days of 10,000 streams that
+// each last an hour. A float64 loses only digits far below a millisecond.
+type floatSum struct{ bits atomic.Uint64 }
+
+func (f *floatSum) add(v float64) {
+	for {
+		old := f.bits.Load()
+		if f.bits.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+v)) {
+			return
+		}
+	}
+}
+
+func (f *floatSum) load() float64 { return math.Float64frombits(f.bits.Load()) }
 
 func newMetrics(store *Store, verifier *Verifier) *metrics {
 	return &metrics{
@@ -49,13 +88,10 @@ func newMetrics(store *Store, verifier *Verifier) *metrics {
 	}
 }
 
+// observe counts a request that has been answered and times it.
 func (m *metrics) observe(route string, code int, d time.Duration) {
 	m.mu.Lock()
-	c, ok := m.requests[routeCode{route, code}]
-	if !ok {
-		c = new(atomic.Int64)
-		m.requests[routeCode{route, code}] = c
-	}
+	c := m.counterLocked(route, code)
 	h, ok := m.latency[route]
 	if !ok {
 		h = new(histogram)
@@ -63,10 +99,34 @@ func (m *metrics) observe(route string, code int, d time.Duration) {
 	}
 	m.mu.Unlock()
 	c.Add(1)
-	// The first bound >= the value: buckets are "less than or equal".
-	i, _ := slices.BinarySearch(latencyBuckets[:], d.Seconds())
-	h.counts[i].Add(1)
-	h.sumNs.Add(d.Nanoseconds())
+	h.observe(d)
+}
+
+func (m *metrics) counterLocked(route string, code int) *atomic.Int64 {
+	c, ok := m.requests[routeCode{route, code}]
+	if !ok {
+		c = new(atomic.Int64)
+		m.requests[routeCode{route, code}] = c
+	}
+	return c
+}
+
+// streamStarted counts an event stream's request when its 200 is written,
+// not when the stream ends an hour later: the request counter then says
+// what is happening now.
+func (m *metrics) streamStarted(route string) {
+	m.mu.Lock()
+	c := m.counterLocked(route, http.StatusOK)
+	m.mu.Unlock()
+	c.Add(1)
+	m.streamsOpened.Add(1)
+}
+
+// streamEnded times a stream that streamStarted counted.
+func (m *metrics) streamEnded(d time.Duration) {
+	i, _ := slices.BinarySearch(streamBuckets[:], d.Seconds())
+	m.streamDuration.counts[i].Add(1)
+	m.streamDuration.sum.add(d.Seconds())
 }
 
 func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -104,19 +164,12 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	b.WriteString("# HELP threeds_http_request_duration_seconds HTTP request latency by route pattern.\n# TYPE threeds_http_request_duration_seconds histogram\n")
 	for _, t := range hists {
-		route, h := labelValue(t.route), t.h
-		// Buckets are stored apart and summed here, so +Inf and _count are
-		// the same number even while requests land mid-scrape.
-		var cum int64
-		for i, le := range latencyBuckets {
-			cum += h.counts[i].Load()
-			fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=\"%s\",le=\"%s\"} %d\n", route, formatFloat(le), cum)
-		}
-		cum += h.counts[len(latencyBuckets)].Load()
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} %d\n", route, cum)
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_sum{route=\"%s\"} %s\n", route, formatFloat(float64(h.sumNs.Load())/1e9))
-		fmt.Fprintf(&b, "threeds_http_request_duration_seconds_count{route=\"%s\"} %d\n", route, cum)
+		writeHistogram(&b, "threeds_http_request_duration_seconds", `route="`+labelValue(t.route)+`",`, latencyBuckets[:], t.h.counts[:], &t.h.sum)
 	}
+	b.WriteString("# HELP threeds_streams_opened_total Event streams started (counted at their 200; also in threeds_http_requests_total).\n# TYPE threeds_streams_opened_total counter\n")
+	fmt.Fprintf(&b, "threeds_streams_opened_total %d\n", m.streamsOpened.Load())
+	b.WriteString("# HELP threeds_stream_duration_seconds How long event streams lasted, from request start to end (not in the request histogram).\n# TYPE threeds_stream_duration_seconds histogram\n")
+	writeHistogram(&b, "threeds_stream_duration_seconds", "", streamBuckets[:], m.streamDuration.counts[:], &m.streamDuration.sum)
 
 	v := m.verifier
 	b.WriteString("# HELP threeds_token_rejections_total Refused bearer tokens by reason.\n# TYPE threeds_token_rejections_total counter\n")
@@ -163,7 +216,13 @@ func (m *metrics) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_empty_acquire_total Acquisitions that had to wait for a connection.\n# TYPE threeds_db_pool_empty_acquire_total counter\nthreeds_db_pool_empty_acquire_total %d\n", st.EmptyAcquireCount())
 	fmt.Fprintf(&b, "# HELP threeds_db_pool_canceled_acquire_total Acquisitions given up at their deadline (pool exhausted or database unreachable).\n# TYPE threeds_db_pool_canceled_acquire_total counter\nthreeds_db_pool_canceled_acquire_total %d\n", st.CanceledAcquireCount())
 
+	ready := 1
+	if m.notReady != nil && m.notReady(r.Context()) != "" {
+		ready = 0
+	}
+	fmt.Fprintf(&b, "# HELP threeds_ready 1 when GET /readyz would answer 200 (checked at the scrape).\n# TYPE threeds_ready gauge\nthreeds_ready %d\n", ready)
 	writeStreamMetrics(&b, m.hub)
+	writeProcessMetrics(&b)
 
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-store")
@@ -174,24 +233,25 @@ func (h *histogram) observe(d time.Duration) {
 	// The first bound >= the value: buckets are "less than or equal".
 	i, _ := slices.BinarySearch(latencyBuckets[:], d.Seconds())
 	h.counts[i].Add(1)
-	h.sumNs.Add(d.Nanoseconds())
+	h.sum.add(d.Seconds())
 }
 
 // writeHistogram writes one histogram family member; labels is "" or
-// `name="value",`.
-func writeHistogram(b *strings.Builder, name, labels string, h *histogram) {
+// `name="value",`. Buckets are stored apart and summed here, so +Inf and
+// _count are the same number even while observations land mid-scrape.
+func writeHistogram(b *strings.Builder, name, labels string, bounds []float64, counts []atomic.Int64, sum *floatSum) {
 	var cum int64
-	for i, le := range latencyBuckets {
-		cum += h.counts[i].Load()
+	for i, le := range bounds {
+		cum += counts[i].Load()
 		fmt.Fprintf(b, "%s_bucket{%sle=\"%s\"} %d\n", name, labels, formatFloat(le), cum)
 	}
-	cum += h.counts[len(latencyBuckets)].Load()
+	cum += counts[len(bounds)].Load()
 	fmt.Fprintf(b, "%s_bucket{%sle=\"+Inf\"} %d\n", name, labels, cum)
 	braces := ""
 	if labels != "" {
 		braces = "{" + strings.TrimSuffix(labels, ",") + "}"
 	}
-	fmt.Fprintf(b, "%s_sum%s %s\n", name, braces, formatFloat(float64(h.sumNs.Load())/1e9))
+	fmt.Fprintf(b, "%s_sum%s %s\n", name, braces, formatFloat(sum.load()))
 	fmt.Fprintf(b, "%s_count%s %d\n", name, braces, cum)
 }
 
@@ -199,7 +259,9 @@ func writeHistogram(b *strings.Builder, name, labels string, h *histogram) {
 // so the families exist (at zero) on every instance.
 var idleHub = newHub(hubConfig{}, nil)
 
-// writeStreamMetrics exposes the event streams and the LISTEN session.
+// writeStreamMetrics exposes the event streams and their source session.
+// The source's series are the same whichever STREAM_SOURCE runs, with the
+// source as a constant label, so one alert covers both.
 func writeStreamMetrics(b *strings.Builder, h *hub) {
 	if h == nil {
 		h = idleHub
@@ -208,6 +270,7 @@ func writeStreamMetrics(b *strings.Builder, h *hub) {
 	if h.listening() {
 		up = 1
 	}
+	src := labelValue(h.cfg.source)
 	fmt.Fprintf(b, "# HELP threeds_streams_open Open event streams.\n# TYPE threeds_streams_open gauge\nthreeds_streams_open %d\n", h.openStreams())
 	b.WriteString("# HELP threeds_stream_events_total Events written to event streams, by type.\n# TYPE threeds_stream_events_total counter\n")
 	for i := range numEventTypes {
@@ -217,12 +280,13 @@ func writeStreamMetrics(b *strings.Builder, h *hub) {
 	for i := range numEndReasons {
 		fmt.Fprintf(b, "threeds_stream_ends_total{reason=\"%s\"} %d\n", i.String(), h.ends[i].Load())
 	}
-	b.WriteString("# HELP threeds_stream_notify_lag_seconds From a notification's arrival to its record being written and flushed on a stream.\n# TYPE threeds_stream_notify_lag_seconds histogram\n")
-	writeHistogram(b, "threeds_stream_notify_lag_seconds", "", &h.lag)
-	fmt.Fprintf(b, "# HELP threeds_listen_up 1 while the LISTEN session is up and proven to receive notifications.\n# TYPE threeds_listen_up gauge\nthreeds_listen_up %d\n", up)
-	fmt.Fprintf(b, "# HELP threeds_listen_reconnects_total LISTEN sessions re-established after one was lost.\n# TYPE threeds_listen_reconnects_total counter\nthreeds_listen_reconnects_total %d\n", h.reconnects.Load())
-	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session.\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
-	fmt.Fprintf(b, "# HELP threeds_listen_reads_total Record reads on the LISTEN session (snapshots, notification batches, resyncs); idle streams add none.\n# TYPE threeds_listen_reads_total counter\nthreeds_listen_reads_total %d\n", h.reads.Load())
+	b.WriteString("# HELP threeds_stream_notify_lag_seconds From the source hearing of a new record to the record being written and flushed on a stream.\n# TYPE threeds_stream_notify_lag_seconds histogram\n")
+	writeHistogram(b, "threeds_stream_notify_lag_seconds", "", latencyBuckets[:], h.lag.counts[:], &h.lag.sum)
+	fmt.Fprintf(b, "# HELP threeds_stream_source_up 1 while the stream source session is up and proven to receive new records.\n# TYPE threeds_stream_source_up gauge\nthreeds_stream_source_up{source=\"%s\"} %d\n", src, up)
+	fmt.Fprintf(b, "# HELP threeds_stream_source_reconnects_total Stream source sessions re-established after one was lost.\n# TYPE threeds_stream_source_reconnects_total counter\nthreeds_stream_source_reconnects_total{source=\"%s\"} %d\n", src, h.reconnects.Load())
+	fmt.Fprintf(b, "# HELP threeds_stream_source_reads_total Record reads for the streams (snapshots, new-record batches, resyncs); idle streams add none.\n# TYPE threeds_stream_source_reads_total counter\nthreeds_stream_source_reads_total{source=\"%s\"} %d\n", src, h.reads.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session (STREAM_SOURCE=notify).\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_bad_payloads_total Notifications whose payload was not <user_id>:<id> (ignored).\n# TYPE threeds_listen_bad_payloads_total counter\nthreeds_listen_bad_payloads_total %d\n", h.badPayloads.Load())
 }
 
 // labelValue escapes a label value as the text format requires: backslash,
@@ -240,3 +304,52 @@ var labelEscaper = strings.NewReplacer(`\`, `\\`, `"`, `\"`, "\n", `\n`)
 // formatFloat is the shortest exact decimal form, which Prometheus parses
 // back to the same float64.
 func formatFloat(f float64) string { return strconv.FormatFloat(f, 'g', -1, 64) }
+
+// processSamples are read from runtime/metrics, which (unlike
+// runtime.ReadMemStats) does not stop the world; the names are those of
+// Prometheus's Go client, so existing dashboards read them.
+var processSamples = []struct {
+	runtimeName, name, help string
+}{
+	{"/memory/classes/heap/objects:bytes", "go_memstats_heap_alloc_bytes", "Bytes of allocated heap objects."},
+	{"/memory/classes/total:bytes", "go_memstats_sys_bytes", "Bytes of memory obtained from the OS by the Go runtime."},
+	{"/gc/gomemlimit:bytes", "go_gc_gomemlimit_bytes", "GOMEMLIMIT: the Go runtime's soft memory limit."},
+}
+
+// writeProcessMetrics writes the process's memory: the Go runtime's view,
+// and the resident set the kernel (and an OOM killer) counts, where /proc
+// tells it.
+func writeProcessMetrics(b *strings.Builder) {
+	samples := make([]rtmetrics.Sample, len(processSamples))
+	for i, p := range processSamples {
+		samples[i].Name = p.runtimeName
+	}
+	rtmetrics.Read(samples)
+	for i, p := range processSamples {
+		if samples[i].Value.Kind() != rtmetrics.KindUint64 {
+			continue
+		}
+		fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %d\n", p.name, p.help, p.name, p.name, samples[i].Value.Uint64())
+	}
+	if rss, ok := residentBytes(); ok {
+		fmt.Fprintf(b, "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %d\n", rss)
+	}
+}
+
+// residentBytes is the resident set size from /proc/self/statm (Linux): its
+// second field, in pages.
+func residentBytes() (int64, bool) {
+	buf, err := os.ReadFile("/proc/self/statm")
+	if err != nil {
+		return 0, false
+	}
+	fields := strings.Fields(string(buf))
+	if len(fields) < 2 {
+		return 0, false
+	}
+	pages, err := strconv.ParseInt(fields[1], 10, 64)
+	if err != nil {
+		return 0, false
+	}
+	return pages * int64(os.Getpagesize()), true
+}

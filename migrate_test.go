@@ -796,6 +796,7 @@ func TestMigrateSchemaStepsAreTheContractsObjectsInOrder(t *testing.T) {
 		"index threeds_records_user_page_idx",
 		"function threeds_records_notify",
 		"trigger threeds_records_notify_insert",
+		"index threeds_records_long_lived_idx",
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("schema.sql steps %q, want %q", got, want)

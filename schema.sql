@@ -60,3 +60,15 @@ $$;
 CREATE TRIGGER threeds_records_notify_insert
     AFTER INSERT ON threeds_records
     FOR EACH ROW EXECUTE FUNCTION threeds_records_notify();
+
+-- The event stream's snapshot and resync read only live records, per user
+-- through two index ranges (liveread.go): rows received within the last day
+-- through threeds_records_user_page_idx, and the rare long-lived ones
+-- (expires_after over a day) through this partial index, which stays tiny
+-- because a passcode lives minutes. The predicate's 86400 must stay the
+-- literal in liveread.go's query (longLivedSeconds) for the planner to use it.
+-- migrate: index threeds_records_long_lived_idx
+CREATE INDEX CONCURRENTLY threeds_records_long_lived_idx
+    ON threeds_records (user_id, received_at DESC, id DESC)
+    INCLUDE (passcode, amount, currency, merchant_name, expires_after)
+    WHERE expires_after > 86400;

@@ -27,8 +27,10 @@ import (
 // recordSource is one way of hearing about new records.
 type recordSource interface {
 	// session runs one session until it fails or ctx ends. up reports
-	// whether it got as far as being subscribed (the hub then resets its
-	// backoff). An *unavailableError means it cannot work where it points.
+	// whether it got as far as being subscribed (the hub then counts the
+	// next session as a reconnect, and resets its backoff if the session
+	// stayed up for stableSession). An *unavailableError means it cannot
+	// work where it points.
 	session(ctx context.Context, everUp bool) (up bool, err error)
 }
 
@@ -66,35 +68,33 @@ func (e *unavailableError) Unwrap() error { return e.err }
 
 const directSession = "DATABASE_LISTEN_URL must be a direct session to the primary"
 
+// stableSession is how long a session must have lasted for the backoff to
+// start again from retryMin. Coming up is not enough: a session that comes
+// up and fails at once (a read it cannot survive, a backend killed as soon
+// as it appears) would otherwise reconnect every retryMin for ever.
+const stableSession = 30 * time.Second
+
 // run keeps the source's session up until ctx ends.
 func (h *hub) run(ctx context.Context) {
 	defer close(h.done)
 	backoff := h.cfg.retryMin
 	everUp := false
 	for {
+		began := time.Now()
 		up, err := h.src.session(ctx, everUp)
 		if ctx.Err() != nil {
 			h.setState(sourceDown, "live updates are stopping", nil)
 			return
 		}
-		if up {
-			everUp = true
-			backoff = h.cfg.retryMin
-		}
-		wait := backoff
+		everUp = everUp || up
+		var wait time.Duration
+		backoff, wait = nextWait(backoff, up && time.Since(began) >= stableSession, err, h.cfg)
 		var un *unavailableError
 		if errors.As(err, &un) {
 			h.setState(sourceUnavailable, "live updates are unavailable: "+un.details, un)
-			wait = h.cfg.unavailableRetry
 		} else {
 			h.setState(sourceDown, "live updates are reconnecting to the database; retry shortly", err)
-			backoff = min(backoff*2, h.cfg.retryMax)
 		}
-		// Jitter, so the replicas of a fleet do not reconnect in step after
-		// a failover.
-		var b [1]byte
-		_, _ = rand.Read(b[:])
-		wait += wait * time.Duration(b[0]) / 1024
 		select {
 		case <-ctx.Done():
 			h.setState(sourceDown, "live updates are stopping", nil)
@@ -102,6 +102,27 @@ func (h *hub) run(ctx context.Context) {
 		case <-time.After(wait):
 		}
 	}
+}
+
+// nextWait is the pause before the next session and the backoff after it:
+// retryMin doubling to retryMax while sessions keep failing, from retryMin
+// again after a session that stayed up, unavailableRetry when the source
+// cannot work where it points; plus up to a quarter of jitter, so the
+// replicas of a fleet do not reconnect in step after a failover.
+func nextWait(backoff time.Duration, stayedUp bool, err error, cfg hubConfig) (next, wait time.Duration) {
+	if stayedUp {
+		backoff = cfg.retryMin
+	}
+	var un *unavailableError
+	if errors.As(err, &un) {
+		wait = cfg.unavailableRetry
+	} else {
+		wait = backoff
+		backoff = min(backoff*2, cfg.retryMax)
+	}
+	var b [1]byte
+	_, _ = rand.Read(b[:])
+	return backoff, wait + wait*time.Duration(b[0])/1024
 }
 
 // sourceUpAgain is what a source calls once it is subscribed: everything
