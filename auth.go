@@ -1,32 +1,31 @@
+// auth.go owns verifying a bearer token and answering HTTP for it: the
+// Authorization header (RFC 6750), the header policy jwx leaves open
+// (compact only, alg, kid, crit), the signature (jwx's jws.Verify) and the
+// registered claims (jwx's jwt.Validate), the checks jwx does not make
+// (repeated claims, NumericDate syntax and range, the user id), and the
+// 401/503 answers. The key set it
+// verifies against is keys.go's; the cache of verified tokens is
+// tokencache.go's.
 package main
 
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/elliptic"
-	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"math"
-	"net"
 	"net/http"
-	"net/url"
-	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v2/jwa"
-	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
+	"github.com/lestrrat-go/jwx/v2/jwt"
 )
 
 // Why a reason: each one is a metrics label and a log field, so the set is
@@ -86,51 +85,16 @@ type authConfig struct {
 	transport http.RoundTripper
 }
 
-// fetchTimeout bounds one JWKS load, background or forced: an identity
-// provider that accepts the connection and never answers must not hold the
-// refresh (and the requests waiting on a forced one) for long.
-const fetchTimeout = 5 * time.Second
-
-// maxJWKSRedirects is how many same-origin redirects a fetch follows.
-const maxJWKSRedirects = 5
-
-// Verifier checks bearer tokens against a JWK Set it keeps fresh in the
-// background. The set is swapped atomically, so verification never waits on a
-// fetch except when a token names a kid the service has not seen.
+// Verifier checks bearer tokens against the key set it keeps fresh.
 type Verifier struct {
-	cfg    authConfig
-	logger *slog.Logger
-	load   func(ctx context.Context) ([]byte, error)
-	now    func() time.Time
-	// source names where the keys come from in log lines: JWKS_URL with its
-	// user-info and query string redacted, or the JWKS_FILE path.
-	source string
+	*keySet
 
-	keys atomic.Pointer[keyring]
+	// claimRules are what jwt.Validate holds every token's registered
+	// claims to (exp, nbf, iat with the leeway, issuer, audience); fixed
+	// for the life of the process.
+	claimRules []jwt.ValidateOption
 
-	// refreshMu serialises loads and installs, so a slow older response can
-	// never replace a newer set.
-	refreshMu sync.Mutex
-	lastRaw   []byte
-
-	// bg lives until Close: the background loop and every forced refresh run
-	// on it, never on a client's request context, so a client that goes away
-	// cannot cancel a fetch other requests depend on.
-	bg             context.Context
-	stopBackground context.CancelFunc
-	done           chan struct{}
-
-	// The forced refresh for unknown kids (refreshForUnknownKid): at most one
-	// in flight, shared by every request waiting on it.
-	forcedMu       sync.Mutex
-	forced         chan struct{} // closed when the refresh in flight ends; nil when none
-	nextForced     time.Time     // earliest start of the next forced refresh
-	forcedFailures int           // consecutive failed forced refreshes
-	forcedWG       sync.WaitGroup
-
-	rejections    [numReasons]atomic.Int64
-	refreshOK     atomic.Int64
-	refreshFailed atomic.Int64
+	rejections [numReasons]atomic.Int64
 
 	// tokens skips the signature check for a token already verified by the
 	// current key set (tokencache.go); nil disables it.
@@ -139,363 +103,20 @@ type Verifier struct {
 
 // NewVerifier starts the background key refresh; Close stops it.
 func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
-	if cfg.refreshEvery <= 0 {
-		cfg.refreshEvery = 60 * time.Second
-	}
-	if cfg.minRefreshGap <= 0 {
-		cfg.minRefreshGap = 5 * time.Second
-	}
 	if cfg.userClaim == "" {
 		cfg.userClaim = "sub"
 	}
-	v := &Verifier{cfg: cfg, logger: logger, now: time.Now, done: make(chan struct{}), tokens: newTokenCache(maxCachedTokens)}
-	if cfg.jwksFile != "" {
-		v.source = "JWKS_FILE=" + cfg.jwksFile
-		v.load = func(context.Context) ([]byte, error) { return readLimited(cfg.jwksFile) }
-	} else {
-		v.source = "JWKS_URL=" + redactedJWKSURL(cfg.jwksURL)
-		if u, err := url.Parse(cfg.jwksURL); err == nil && strings.EqualFold(u.Scheme, "http") {
-			// Said once, here: the keys decide who is who, and over plain
-			// http anyone on the path can substitute their own.
-			logger.Warn("JWKS_URL is plain http: anyone on the network path can substitute the keys and forge tokens; use https",
-				"source", v.source)
-		}
-		client := &http.Client{Timeout: fetchTimeout, Transport: cfg.transport, CheckRedirect: sameOriginRedirect}
-		v.load = func(ctx context.Context) ([]byte, error) { return fetchJWKS(ctx, client, cfg.jwksURL) }
+	v := &Verifier{keySet: newKeySet(cfg, logger), tokens: newTokenCache(maxCachedTokens)}
+	v.claimRules = []jwt.ValidateOption{
+		jwt.WithIssuer(cfg.issuer),
+		jwt.WithAcceptableSkew(cfg.leeway),
+		jwt.WithRequiredClaim("exp"),
+		jwt.WithClock(jwt.ClockFunc(func() time.Time { return v.now() })),
 	}
-	v.bg, v.stopBackground = context.WithCancel(context.Background())
-	go v.refreshLoop(v.bg)
+	if cfg.audience != "" {
+		v.claimRules = append(v.claimRules, jwt.WithAudience(cfg.audience))
+	}
 	return v
-}
-
-// Close stops the background refresh and any forced refresh in flight, and
-// waits for them to finish.
-func (v *Verifier) Close() {
-	// Under forcedMu, so no forced refresh can start once Close has begun.
-	v.forcedMu.Lock()
-	v.stopBackground()
-	v.forcedMu.Unlock()
-	<-v.done
-	v.forcedWG.Wait()
-}
-
-// Ready reports whether a key set has been loaded.
-func (v *Verifier) Ready() bool { return v.keys.Load() != nil }
-
-// KeyCount is the number of usable verification keys.
-func (v *Verifier) KeyCount() int {
-	if kr := v.keys.Load(); kr != nil {
-		return len(kr.byKid)
-	}
-	return 0
-}
-
-// refreshLoop polls fast until the first set arrives (readiness waits on it),
-// then settles to refreshEvery. A failed refresh keeps the last good keys: an
-// identity-provider outage must not log every cardholder out.
-func (v *Verifier) refreshLoop(ctx context.Context) {
-	defer close(v.done)
-	retry := 250 * time.Millisecond
-	for {
-		v.refresh(ctx, "schedule")
-		wait := v.cfg.refreshEvery
-		if !v.Ready() {
-			wait = retry
-			retry = min(retry*2, 5*time.Second)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-	}
-}
-
-// refresh loads the set once and installs it if it parses; it reports
-// whether the load worked (an unchanged set counts as working). cause is a
-// log field: "schedule" or "unknown_kid".
-func (v *Verifier) refresh(ctx context.Context, cause string) bool {
-	v.refreshMu.Lock()
-	defer v.refreshMu.Unlock()
-	// The timeout starts once the lock is held: time spent queued behind
-	// another load must not eat this one's budget.
-	ctx, cancel := context.WithTimeout(ctx, fetchTimeout)
-	defer cancel()
-	raw, err := v.load(ctx)
-	if err == nil && v.Ready() && bytes.Equal(raw, v.lastRaw) {
-		v.refreshOK.Add(1)
-		return true
-	}
-	var kr *keyring
-	if err == nil {
-		kr, err = parseKeyring(raw)
-	}
-	if err != nil {
-		// Quiet only at shutdown; a timed-out forced refresh is worth a line.
-		// Logged before it is counted, so whoever sees the count (a scrape,
-		// a test) finds the line already written.
-		if v.bg.Err() == nil {
-			v.logger.Warn("jwks refresh failed; keeping the last good keys",
-				"source", v.source, "cause", cause, "error", err.Error(), "keys", v.KeyCount())
-		}
-		v.refreshFailed.Add(1)
-		return false
-	}
-	v.refreshOK.Add(1)
-	v.lastRaw = raw
-	if old := v.keys.Swap(kr); old != nil {
-		close(old.replaced)
-	}
-	v.logger.Info("jwks loaded", "source", v.source, "cause", cause, "keys", len(kr.byKid), "skipped", kr.skipped)
-	return true
-}
-
-// refreshForUnknownKid forces a refresh when a token names a kid the set
-// does not have, and waits for it until ctx ends.
-//
-// An attacker can send made-up kids at will, so:
-//   - the refresh runs on the verifier's context, not the client's: a client
-//     that disconnects stops waiting, the fetch goes on, and the next real
-//     token signed with a rotated key finds it installed;
-//   - one refresh at a time, shared by every request that arrives while it
-//     runs (single flight);
-//   - after a refresh that worked, the next may start only minRefreshGap
-//     later: random kids must not turn this service into a load generator
-//     against the identity provider. The gap counts from completion, and
-//     only forced refreshes count (the periodic loop has its own cadence);
-//   - after one that failed, the next may start sooner (failureBackoff), so
-//     a blip does not keep a rotated key out for the full gap.
-func (v *Verifier) refreshForUnknownKid(ctx context.Context) {
-	v.forcedMu.Lock()
-	done := v.forced
-	if done == nil {
-		if v.bg.Err() != nil || v.now().Before(v.nextForced) {
-			v.forcedMu.Unlock()
-			return
-		}
-		done = make(chan struct{})
-		v.forced = done
-		v.forcedWG.Add(1)
-		go v.runForcedRefresh(done)
-	}
-	v.forcedMu.Unlock()
-	select {
-	case <-done:
-	case <-ctx.Done():
-	}
-}
-
-func (v *Verifier) runForcedRefresh(done chan struct{}) {
-	defer v.forcedWG.Done()
-	ok := v.refresh(v.bg, "unknown_kid")
-	v.forcedMu.Lock()
-	if ok {
-		v.forcedFailures = 0
-		v.nextForced = v.now().Add(v.cfg.minRefreshGap)
-	} else {
-		v.forcedFailures++
-		v.nextForced = v.now().Add(failureBackoff(v.cfg.minRefreshGap, v.forcedFailures))
-	}
-	v.forced = nil
-	v.forcedMu.Unlock()
-	close(done)
-}
-
-// failureBackoff is how long after the n-th consecutive failed forced
-// refresh the next may start: a tenth of the gap, doubling, capped at the
-// gap (0.5 s, 1 s, 2 s, 4 s, then 5 s with the default 5 s). The first retry
-// comes soon, because a single failure is usually a blip (a reset
-// connection, an identity-provider pod restarting) and a user with a token
-// from a rotated key is waiting on it; an identity provider that stays down
-// is back at the normal rate of one forced fetch per gap after four
-// failures, so random kids can add at most a handful of extra fetches to
-// an outage.
-func failureBackoff(gap time.Duration, n int) time.Duration {
-	d := gap / 10
-	for i := 1; i < n && d < gap; i++ {
-		d *= 2
-	}
-	return min(d, gap)
-}
-
-const maxJWKSBytes = 1 << 20
-
-func fetchJWKS(ctx context.Context, client *http.Client, rawURL string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
-	}
-	req.Header.Set("Accept", "application/json")
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fetch jwks: status %d", resp.StatusCode)
-	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxJWKSBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("fetch jwks: %w", redactURLError(err))
-	}
-	if len(body) > maxJWKSBytes {
-		return nil, errors.New("fetch jwks: body over 1 MiB")
-	}
-	return body, nil
-}
-
-// redactURLError rebuilds the *url.Error that net/http returns with the URL
-// redacted. Its URL is the request's (net/http hides only the password, not
-// the user name or the query string, where some identity providers put an
-// API key) or, for a refused redirect, the raw Location header. Done here,
-// where the error is made, so no caller can log the raw form.
-func redactURLError(err error) error {
-	ue, ok := err.(*url.Error)
-	if !ok {
-		return err
-	}
-	inner := ue.Err
-	if strings.HasPrefix(inner.Error(), "failed to parse Location header") {
-		// net/http quotes the raw Location (twice, with the parse error)
-		// in the message of this one error: say what failed, not the value.
-		inner = errors.New("failed to parse the redirect's Location header")
-	}
-	return &url.Error{Op: ue.Op, URL: redactedJWKSURL(ue.URL), Err: inner}
-}
-
-// sameOriginRedirect follows a JWKS redirect only within the origin (scheme,
-// host, port) of JWKS_URL. A redirect elsewhere would let whoever controls
-// the first hop, or an open redirect at the identity provider, choose the
-// keys this service trusts; one from https to http would hand that choice to
-// anyone on the network path.
-func sameOriginRedirect(req *http.Request, via []*http.Request) error {
-	if len(via) > maxJWKSRedirects {
-		return fmt.Errorf("jwks redirect refused: more than %d redirects", maxJWKSRedirects)
-	}
-	from, to := via[0].URL, req.URL
-	if strings.EqualFold(from.Scheme, "https") && !strings.EqualFold(to.Scheme, "https") {
-		return fmt.Errorf("jwks redirect refused: from https to %s", to.Scheme)
-	}
-	if origin(to) != origin(from) {
-		return fmt.Errorf("jwks redirect refused: %s is another origin than %s", origin(to), origin(from))
-	}
-	return nil
-}
-
-// origin is scheme://host:port with the default port spelled out, so
-// https://idp and https://idp:443 are the same origin. It holds no
-// user-info, path or query: it is safe in a log line.
-func origin(u *url.URL) string {
-	scheme := strings.ToLower(u.Scheme)
-	port := u.Port()
-	if port == "" {
-		port = map[string]string{"http": "80", "https": "443"}[scheme]
-	}
-	return scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
-}
-
-func readLimited(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("read jwks file: %w", err)
-	}
-	defer f.Close()
-	body, err := io.ReadAll(io.LimitReader(f, maxJWKSBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("read jwks file: %w", err)
-	}
-	if len(body) > maxJWKSBytes {
-		return nil, errors.New("read jwks file: over 1 MiB")
-	}
-	return body, nil
-}
-
-// verifyKey is a public key with the algorithms it may verify. Raw crypto
-// keys are extracted once per refresh, not once per request.
-type verifyKey struct {
-	raw  any
-	algs []jwa.SignatureAlgorithm
-}
-
-type keyring struct {
-	byKid   map[string]verifyKey
-	skipped int
-	// replaced is closed when a newer set takes this one's place, so an open
-	// event stream learns at once that the key behind its token may be gone.
-	replaced chan struct{}
-}
-
-// parseKeyring turns a JWK Set into the keys this service will use. A key
-// without kid, meant for encryption, symmetric, or of an unsupported type
-// or size is skipped, never an error: one odd key must not hide the rest.
-func parseKeyring(raw []byte) (*keyring, error) {
-	set, err := jwk.Parse(raw)
-	if err != nil {
-		return nil, fmt.Errorf("parse jwks: %w", err)
-	}
-	kr := &keyring{byKid: make(map[string]verifyKey, set.Len()), replaced: make(chan struct{})}
-	for i := 0; i < set.Len(); i++ {
-		k, _ := set.Key(i)
-		vk, ok := usableKey(k)
-		if _, dup := kr.byKid[k.KeyID()]; !ok || dup {
-			kr.skipped++
-			continue
-		}
-		kr.byKid[k.KeyID()] = vk
-	}
-	if len(kr.byKid) == 0 {
-		return nil, fmt.Errorf("parse jwks: no usable signing keys among %d", set.Len())
-	}
-	return kr, nil
-}
-
-var rsaAlgs = []jwa.SignatureAlgorithm{jwa.RS256, jwa.RS384, jwa.RS512, jwa.PS256, jwa.PS384, jwa.PS512}
-
-func usableKey(k jwk.Key) (verifyKey, bool) {
-	if k.KeyID() == "" {
-		return verifyKey{}, false
-	}
-	if use := k.KeyUsage(); use != "" && use != string(jwk.ForSignature) {
-		return verifyKey{}, false
-	}
-	pub, err := jwk.PublicRawKeyOf(k)
-	if err != nil {
-		return verifyKey{}, false
-	}
-	// The algorithms each key type can verify; a key's own "alg" narrows
-	// this to one, and a key without "alg" gets the ones its type implies.
-	// Nothing here can ever yield HS* or none.
-	var algs []jwa.SignatureAlgorithm
-	switch pk := pub.(type) {
-	case *rsa.PublicKey:
-		if pk.N.BitLen() < 2048 {
-			return verifyKey{}, false
-		}
-		algs = rsaAlgs
-	case *ecdsa.PublicKey:
-		switch pk.Curve {
-		case elliptic.P256():
-			algs = []jwa.SignatureAlgorithm{jwa.ES256}
-		case elliptic.P384():
-			algs = []jwa.SignatureAlgorithm{jwa.ES384}
-		case elliptic.P521():
-			algs = []jwa.SignatureAlgorithm{jwa.ES512}
-		}
-	case ed25519.PublicKey:
-		algs = []jwa.SignatureAlgorithm{jwa.EdDSA}
-	}
-	if len(algs) == 0 {
-		return verifyKey{}, false
-	}
-	if a := k.Algorithm().String(); a != "" {
-		for _, ok := range algs {
-			if ok.String() == a {
-				return verifyKey{raw: pub, algs: []jwa.SignatureAlgorithm{ok}}, true
-			}
-		}
-		return verifyKey{}, false
-	}
-	return verifyKey{raw: pub, algs: algs}, true
 }
 
 // joseHeader holds the header fields this service acts on. Keys named by the
@@ -510,11 +131,12 @@ type joseHeader struct {
 
 // principal is who a verified token speaks for, and what bounds its life: a
 // long-lived event stream must end when exp passes or when the key that
-// verified the token leaves the set.
+// verified the token leaves the set or changes under its kid.
 type principal struct {
-	userID int64
-	kid    string
-	exp    time.Time // the token's exp claim, leeway not included
+	userID   int64
+	kid      string
+	keyThumb keyThumb  // the verifying key's thumbprint (keys.go)
+	exp      time.Time // the token's exp claim, leeway not included
 }
 
 // Verify returns the user id of a valid token. Errors are *authError (401)
@@ -534,7 +156,7 @@ func (v *Verifier) verify(ctx context.Context, token string) (principal, error) 
 	if p, ok := v.tokens.get(sum, kr, v.now()); ok {
 		return p, nil
 	}
-	p, err := v.verifyUncached(ctx, kr, token)
+	p, kr, err := v.verifyUncached(ctx, kr, token)
 	if err != nil {
 		return principal{}, err
 	}
@@ -542,73 +164,81 @@ func (v *Verifier) verify(ctx context.Context, token string) (principal, error) 
 	return p, nil
 }
 
-func (v *Verifier) verifyUncached(ctx context.Context, kr *keyring, token string) (principal, error) {
-	headerPart, ok := compactHeader(token)
-	if !ok {
-		return principal{}, reject(reasonMalformed, "the token is not a compact JWS")
+// verifyUncached checks a token in full against kr, the set in use when the
+// request began, or the newer one a forced refresh installs; it returns the
+// set that verified it.
+func (v *Verifier) verifyUncached(ctx context.Context, kr *keyring, token string) (principal, *keyring, error) {
+	hdr, err := checkHeader(token)
+	if err != nil {
+		return principal{}, nil, err
 	}
-	var hdr joseHeader
-	if err := decodeSegment(headerPart, &hdr); err != nil {
-		return principal{}, reject(reasonMalformed, "the token header is not valid")
-	}
-	// RFC 7515 §4.1.11: an unknown critical extension must be refused, and
-	// this service understands none (b64=false would change what is signed).
-	if len(hdr.Crit) > 0 || len(hdr.B64) > 0 {
-		return principal{}, reject(reasonMalformed, "the token uses an unsupported header extension")
-	}
-	if !allowedAlg(hdr.Alg) {
-		return principal{}, reject(reasonBadSignature, "the token algorithm is not accepted")
-	}
-	if hdr.Kid == "" {
-		return principal{}, reject(reasonUnknownKey, "the token names no key id")
-	}
-	key, found := kr.byKid[hdr.Kid]
+	key, kr, found := v.keyFor(ctx, kr, hdr.Kid)
 	if !found {
-		v.refreshForUnknownKid(ctx)
-		kr = v.keys.Load()
-		if key, found = kr.byKid[hdr.Kid]; !found {
-			return principal{}, reject(reasonUnknownKey, "the token was signed by an unknown key")
-		}
+		return principal{}, nil, reject(reasonUnknownKey, "the token was signed by an unknown key")
 	}
+	// jws.Verify verifies with the algorithm it is given, whatever the
+	// header says: the header's must be one its key allows.
 	alg := jwa.SignatureAlgorithm(hdr.Alg)
 	if !algIn(alg, key.algs) {
-		return principal{}, reject(reasonBadSignature, "the token algorithm does not match its key")
+		return principal{}, nil, reject(reasonBadSignature, "the token algorithm does not match its key")
 	}
 	payload, err := jws.Verify([]byte(token), jws.WithKey(alg, key.raw), jws.WithCompact())
 	if err != nil {
-		return principal{}, reject(reasonBadSignature, "the token signature is not valid")
+		return principal{}, nil, reject(reasonBadSignature, "the token signature is not valid")
 	}
 	uid, exp, err := v.checkClaims(payload)
 	if err != nil {
-		return principal{}, err
+		return principal{}, nil, err
 	}
-	return principal{userID: uid, kid: hdr.Kid, exp: numericDateTime(exp)}, nil
+	return principal{userID: uid, kid: hdr.Kid, keyThumb: key.thumb, exp: exp}, kr, nil
 }
 
-// numericDateTime turns checkClaims' NumericDate seconds into a time.
-func numericDateTime(secs float64) time.Time {
-	whole := math.Floor(secs)
-	return time.Unix(int64(whole), int64((secs-whole)*1e9))
+// checkHeader applies the header rules jwx leaves to its caller and returns
+// the header. Only the compact serialization is accepted: three base64url
+// segments, no padding (the JSON serialization, with several signatures or
+// unprotected headers, and JWE never reach jws.Verify).
+func checkHeader(token string) (joseHeader, error) {
+	var hdr joseHeader
+	headerPart, ok := compactHeader(token)
+	if !ok {
+		return hdr, reject(reasonMalformed, "the token is not a compact JWS")
+	}
+	if err := decodeSegment(headerPart, &hdr); err != nil {
+		return hdr, reject(reasonMalformed, "the token header is not valid")
+	}
+	// RFC 7515 §4.1.11: an unknown critical extension must be refused, and
+	// this service understands none (b64=false would change what is signed,
+	// and jwx honours it).
+	if len(hdr.Crit) > 0 || len(hdr.B64) > 0 {
+		return hdr, reject(reasonMalformed, "the token uses an unsupported header extension")
+	}
+	// Checked before the key lookup, so none, HS* and the like never force
+	// a refresh; keys.go never gives a key these algorithms anyway.
+	if !allowedAlg(hdr.Alg) {
+		return hdr, reject(reasonBadSignature, "the token algorithm is not accepted")
+	}
+	if hdr.Kid == "" {
+		return hdr, reject(reasonUnknownKey, "the token names no key id")
+	}
+	return hdr, nil
 }
 
-// hasKey reports whether kid is in the key set in use now.
-func (v *Verifier) hasKey(kid string) bool {
-	kr := v.keys.Load()
-	if kr == nil {
-		return false
+// validationRefusal turns a jwt.Validate error into the caller's 401
+// reason. The detail is ours, never jwx's text.
+func validationRefusal(err error) *authError {
+	switch {
+	case errors.Is(err, jwt.ErrTokenExpired()):
+		return reject(reasonExpired, "the token has expired")
+	case errors.Is(err, jwt.ErrTokenNotYetValid()):
+		return reject(reasonClaims, "nbf is in the future")
+	case errors.Is(err, jwt.ErrInvalidIssuedAt()):
+		return reject(reasonClaims, "iat is in the future")
+	case errors.Is(err, jwt.ErrInvalidIssuer()):
+		return reject(reasonClaims, "the token issuer is not accepted")
+	case errors.Is(err, jwt.ErrInvalidAudience()):
+		return reject(reasonClaims, "the token audience is not accepted")
 	}
-	_, ok := kr.byKid[kid]
-	return ok
-}
-
-// keysChanged returns a channel closed at the next key-set swap. Take it
-// before calling hasKey, so a swap between the two calls is never missed.
-// Before the first set is loaded it returns nil (never closed).
-func (v *Verifier) keysChanged() <-chan struct{} {
-	if kr := v.keys.Load(); kr != nil {
-		return kr.replaced
-	}
-	return nil
+	return reject(reasonClaims, "exp is required")
 }
 
 // compactHeader accepts only the compact serialization: three base64url
@@ -642,15 +272,6 @@ func allowedAlg(alg string) bool {
 	return false
 }
 
-func algIn(alg jwa.SignatureAlgorithm, algs []jwa.SignatureAlgorithm) bool {
-	for _, a := range algs {
-		if a == alg {
-			return true
-		}
-	}
-	return false
-}
-
 func decodeSegment(seg string, dst any) error {
 	raw, err := base64.RawURLEncoding.DecodeString(seg)
 	if err != nil {
@@ -662,49 +283,6 @@ func decodeSegment(seg string, dst any) error {
 // maxNumericDate is 9999-12-31T23:59:59Z: a larger exp is not a date but an
 // attempt at a token that never expires.
 const maxNumericDate = 253402300799
-
-// checkClaims validates the registered claims and extracts the user id (and
-// exp, for the token cache) from the raw payload. Numbers are read as text, so a user id above 2^53 can
-// never turn into a neighbouring user's id the way float64 decoding would.
-func (v *Verifier) checkClaims(payload []byte) (userID int64, exp float64, err error) {
-	claims, err := decodeClaims(payload)
-	if err != nil {
-		return 0, 0, reject(reasonClaims, err.Error())
-	}
-	now := float64(v.now().UnixNano()) / 1e9
-	leeway := v.cfg.leeway.Seconds()
-
-	exp, present, err := numericDate(claims["exp"])
-	switch {
-	case err != nil:
-		return 0, 0, reject(reasonClaims, "exp is not a valid date")
-	case !present:
-		return 0, 0, reject(reasonClaims, "exp is required")
-	case now > exp+leeway:
-		return 0, 0, reject(reasonExpired, "the token has expired")
-	}
-	for _, name := range [...]string{"nbf", "iat"} {
-		t, present, err := numericDate(claims[name])
-		if err != nil {
-			return 0, 0, reject(reasonClaims, name+" is not a valid date")
-		}
-		if present && t > now+leeway {
-			return 0, 0, reject(reasonClaims, name+" is in the future")
-		}
-	}
-	var iss string
-	if raw, ok := claims["iss"]; !ok || json.Unmarshal(raw, &iss) != nil || iss != v.cfg.issuer {
-		return 0, 0, reject(reasonClaims, "the token issuer is not accepted")
-	}
-	if v.cfg.audience != "" && !audienceContains(claims["aud"], v.cfg.audience) {
-		return 0, 0, reject(reasonClaims, "the token audience is not accepted")
-	}
-	uid, ok := parseUserID(claims[v.cfg.userClaim])
-	if !ok {
-		return 0, 0, reject(reasonClaims, "the token's user claim is not a positive integer id")
-	}
-	return uid, exp, nil
-}
 
 // decodeClaims splits the payload into its top-level members and refuses a
 // repeated member name: parsers disagree on which duplicate wins, and that
@@ -739,41 +317,71 @@ func decodeClaims(payload []byte) (map[string]json.RawMessage, error) {
 	return claims, nil
 }
 
-// numericDate reads an RFC 7519 NumericDate: a JSON number of seconds. A
-// string, a negative or an absurdly large value is an error, not a date.
-func numericDate(raw json.RawMessage) (float64, bool, error) {
-	if raw == nil {
-		return 0, false, nil
-	}
+// numericDate reports whether raw is an RFC 7519 NumericDate this service
+// accepts: a JSON number of seconds from 0 to maxNumericDate. jwx would
+// also take a string ("exp":"1700000000") and any magnitude.
+func numericDate(raw json.RawMessage) bool {
 	s := string(raw)
 	if s == "" || !(s[0] >= '0' && s[0] <= '9') {
-		return 0, true, errors.New("not a non-negative number")
+		return false
 	}
 	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || math.IsNaN(f) || f > maxNumericDate {
-		return 0, true, errors.New("not a date")
-	}
-	return f, true, nil
+	return err == nil && !math.IsNaN(f) && f <= maxNumericDate
 }
 
-func audienceContains(raw json.RawMessage, want string) bool {
-	if raw == nil {
-		return false
+// checkClaims validates the verified payload and returns the user id and
+// exp. jwx's jwt.Validate judges the registered claims (exp, nbf, iat with
+// the leeway, iss, aud); the payload is decoded here, not by jwt.Parse,
+// because jwx would take what the contract refuses (a repeated claim, a
+// date as a string or past year 9999) and refuse what it accepts (a
+// numeric sub): docs/decisions.md. The user id is read from the raw text,
+// so an id above 2^53 never becomes a neighbouring user's the way float64
+// decoding would.
+func (v *Verifier) checkClaims(payload []byte) (userID int64, exp time.Time, err error) {
+	claims, err := decodeClaims(payload)
+	if err != nil {
+		return 0, exp, reject(reasonClaims, err.Error())
 	}
-	var one string
-	if json.Unmarshal(raw, &one) == nil {
-		return one == want
+	tok, err := registeredClaims(claims)
+	if err != nil {
+		return 0, exp, err
 	}
-	var many []string
-	if json.Unmarshal(raw, &many) != nil {
-		return false
+	if err := jwt.Validate(tok, v.claimRules...); err != nil {
+		return 0, exp, validationRefusal(err)
 	}
-	for _, a := range many {
-		if a == want {
-			return true
+	uid, ok := parseUserID(claims[v.cfg.userClaim])
+	if !ok {
+		return 0, exp, reject(reasonClaims, "the token's user claim is not a positive integer id")
+	}
+	return uid, tok.Expiration(), nil
+}
+
+// registeredClaims builds the jwt.Token that jwt.Validate judges from the
+// claims it checks, each held to this service's stricter syntax first.
+func registeredClaims(claims map[string]json.RawMessage) (jwt.Token, error) {
+	tok := jwt.New()
+	for _, name := range [...]string{jwt.ExpirationKey, jwt.NotBeforeKey, jwt.IssuedAtKey} {
+		raw, present := claims[name]
+		if !present {
+			continue
+		}
+		if !numericDate(raw) || tok.Set(name, json.Number(raw)) != nil {
+			return nil, reject(reasonClaims, name+" is not a valid date")
 		}
 	}
-	return false
+	if raw, present := claims[jwt.IssuerKey]; present {
+		var iss string
+		if json.Unmarshal(raw, &iss) != nil || tok.Set(jwt.IssuerKey, iss) != nil {
+			return nil, reject(reasonClaims, "the token issuer is not accepted")
+		}
+	}
+	if raw, present := claims[jwt.AudienceKey]; present {
+		var aud any
+		if json.Unmarshal(raw, &aud) != nil || tok.Set(jwt.AudienceKey, aud) != nil {
+			return nil, reject(reasonClaims, "the token audience is not accepted")
+		}
+	}
+	return tok, nil
 }
 
 // parseUserID accepts a positive int64 as a JSON integer literal (42) or a

@@ -43,6 +43,27 @@ func endEvent(r endReason) []byte {
 	return []byte(`event: end` + "\n" + `data: {"reason":"` + r.String() + `"}` + "\n\n")
 }
 
+// eventsHandler is the route: GET only, answered before the token is
+// checked. HEAD is a 405 like any other method: answering it 200 would say
+// a stream is available when the GET may get a 503.
+func (s *server) eventsHandler() http.Handler {
+	authed := s.verifier.Middleware(http.HandlerFunc(s.handleEvents))
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			refuseMethod(w, r)
+			return
+		}
+		authed.ServeHTTP(w, r)
+	})
+}
+
+// refuseMethod is the stream's 405 for any method but GET (the server's
+// route sends them here too).
+func refuseMethod(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Allow", http.MethodGet)
+	writeError(w, r, http.StatusMethodNotAllowed, "method_not_allowed", r.Method+" is not allowed here; allowed: GET")
+}
+
 // handleEvents is wrapped by the verifier's middleware: a missing or bad
 // token has already been answered with the JSON 401 or 503. It stays on the
 // stack for the stream's whole life, so everything else is in functions that
@@ -69,21 +90,11 @@ func (s *server) admit(w http.ResponseWriter, r *http.Request) *streamState {
 		writeError(w, r, http.StatusUnauthorized, "missing_token", "send an Authorization: Bearer <token> header")
 		return nil
 	}
-	if s.draining.Load() {
-		refuseStream(w, r, refuseShuttingDown)
-		return nil
-	}
+	// No check of s.draining: during SHUTDOWN_DELAY streams are still
+	// admitted (a browser's EventSource gives up for good on a non-200);
+	// the hub ends them, and refuses new ones, when draining starts.
 	if s.hub == nil {
 		refuseStream(w, r, &streamRefusal{http.StatusServiceUnavailable, "unavailable", "live updates are not enabled on this instance", 30})
-		return nil
-	}
-	if r.Method == http.MethodHead {
-		if ref := s.hub.available(); ref != nil {
-			refuseStream(w, r, ref)
-			return nil
-		}
-		setStreamHeaders(w.Header())
-		w.WriteHeader(http.StatusOK)
 		return nil
 	}
 	st, ref := s.hub.subscribe(p.userID)
@@ -184,7 +195,7 @@ func (ss *streamState) start() (why endReason, ok bool) {
 	// Take the channel before asking: a key-set swap in between is then
 	// seen on the channel.
 	ss.keys = s.verifier.keysChanged()
-	if !s.verifier.hasKey(ss.p.kid) {
+	if !s.verifier.stillTrusts(ss.p) {
 		return ss.end(endKeyRemoved), false
 	}
 	ss.lastWrite = time.Now()
@@ -242,23 +253,35 @@ func (ss *streamState) deliver(d delivery) error {
 			return err
 		}
 	}
+	for _, f := range d.after {
+		if err := ss.sw.write(f.data); err != nil {
+			return err
+		}
+	}
 	if err := ss.sw.flush(); err != nil {
 		return err
 	}
-	h.events[eventRecord].Add(int64(len(d.frames)))
+	h.events[eventRecord].Add(int64(len(d.frames) + len(d.after)))
 	if d.ready {
 		h.events[eventReady].Add(1)
 	}
 	if ss.ready {
-		for _, f := range d.frames {
-			if !f.notified.IsZero() {
-				h.lag.observe(time.Since(f.notified))
-			}
-		}
+		ss.observeLag(d.frames)
 	}
+	ss.observeLag(d.after)
 	ss.ready = ss.ready || d.ready
 	ss.lastWrite = time.Now()
 	return nil
+}
+
+// observeLag counts how long after the source heard of them live records
+// went out (re-read ones carry no time).
+func (ss *streamState) observeLag(frames []*frame) {
+	for _, f := range frames {
+		if !f.notified.IsZero() {
+			ss.s.hub.lag.observe(time.Since(f.notified))
+		}
+	}
 }
 
 // tick ends the stream at the token's end, else pings after a silence.
@@ -287,7 +310,7 @@ func (ss *streamState) tick(now time.Time) (endReason, bool) {
 func (ss *streamState) keysSwapped() (endReason, bool) {
 	v := ss.s.verifier
 	ss.keys = v.keysChanged()
-	if !v.hasKey(ss.p.kid) {
+	if !v.stillTrusts(ss.p) {
 		return ss.end(endKeyRemoved), true
 	}
 	return 0, false

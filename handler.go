@@ -54,12 +54,15 @@ func newServer(store *Store, verifier *Verifier, hub *hub, logger *slog.Logger, 
 	s.metrics.limit = s.limit
 	s.metrics.hub = hub
 	s.metrics.notReady = s.notReady
-	// The limit comes first so that a shed request costs no token check;
-	// only the API routes get it (see inFlightLimit.wrap).
-	s.mux.Handle("GET /3ds/my-records", s.limit.wrap(verifier.Middleware(handleMyRecords(store, s.logger))))
+	// The token is checked before the limit takes a place: a token that
+	// waits for a forced key refresh (an unknown kid) then holds no place a
+	// valid request needs (docs/decisions.md, "Unknown kids: 1 s, 1024
+	// waiters, no MAX_IN_FLIGHT place"). Only the API routes get the limit
+	// (see inFlightLimit.wrap).
+	s.mux.Handle("GET /3ds/my-records", verifier.Middleware(s.limit.wrap(handleMyRecords(store, s.logger))))
 	// Not under MAX_IN_FLIGHT: streams are long-lived and have limits of
 	// their own (STREAMS_MAX, STREAMS_PER_USER).
-	s.mux.Handle("GET /3ds/my-records/events", verifier.Middleware(http.HandlerFunc(s.handleEvents)))
+	s.mux.Handle("GET /3ds/my-records/events", s.eventsHandler())
 	s.mux.HandleFunc("GET /healthz", handleHealthz)
 	s.mux.HandleFunc("GET /readyz", s.handleReadyz)
 	s.mux.Handle("GET /metrics", s.metrics)
@@ -149,6 +152,10 @@ func (s *server) route(r *http.Request) (http.Handler, string) {
 		get.Method = http.MethodGet
 		if _, p := s.mux.Handler(&get); p != "" {
 			_, route, _ = strings.Cut(p, " ")
+			if p == eventsRoute {
+				// The stream's own 405: only GET (the mux allows HEAD).
+				return http.HandlerFunc(refuseMethod), route
+			}
 		}
 	}
 	return jsonFallback(h), route

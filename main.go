@@ -378,7 +378,7 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	defer hub.shutdown()
 	srv := newServer(store, verifier, hub, logger, withMaxInFlight(cfg.maxInFlight))
 
-	ln, err := net.Listen("tcp", cfg.listenAddr)
+	ln, err := listenTCP(ctx, cfg.listenAddr)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
@@ -430,6 +430,46 @@ func serve(ctx context.Context, cfg *config, store *Store, logger *slog.Logger) 
 	return shutdown(cfg, httpServer, srv, store, verifier, hub, logger)
 }
 
+// Vanished peers (contract section 6): a phone that dropped off the network
+// leaves its connection open until TCP gives up, about 15 minutes, holding
+// its places under STREAMS_MAX and STREAMS_PER_USER. Keepalive probes find
+// an idle one, and peerTimeout, as TCP_USER_TIMEOUT, closes a connection
+// whose probes or writes stay unacknowledged that long: a vanished peer is
+// cut within about keepalive idle + peerTimeout (45 s), and its stream's
+// request context ends, which frees its places.
+const (
+	peerTimeout   = 30 * time.Second
+	keepAliveIdle = 15 * time.Second
+)
+
+// listenTCP listens on addr; every accepted connection gets the keepalive
+// and the peer timeout above.
+func listenTCP(ctx context.Context, addr string) (net.Listener, error) {
+	lc := net.ListenConfig{KeepAliveConfig: net.KeepAliveConfig{
+		Enable: true, Idle: keepAliveIdle, Interval: 5 * time.Second, Count: 3,
+	}}
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return peerTimeoutListener{ln}, nil
+}
+
+type peerTimeoutListener struct{ net.Listener }
+
+func (l peerTimeoutListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		// Best effort: where the option is missing the keepalive still
+		// cuts the connection, later.
+		_ = setPeerTimeout(tc, peerTimeout)
+	}
+	return c, nil
+}
+
 // shutdown runs the SIGTERM sequence. Readiness turns 503 first so the load
 // balancer stops sending; then in-flight requests drain. Serve returns at
 // once on Shutdown, so it is Shutdown's return that says the handlers are
@@ -441,17 +481,19 @@ func shutdown(cfg *config, httpServer *http.Server, srv *server, store *Store, v
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.shutdownTimeout)
 	defer cancel()
 	srv.draining.Store(true)
-	// Event streams end now, before the delay and the drain: their clients
-	// reconnect to another replica at once, and Shutdown does not wait on
-	// them. New streams are refused from here on.
-	hub.shutdown()
 	logger.Info("shutting down", "delay", cfg.shutdownDelay.String(), "timeout", cfg.shutdownTimeout.String())
 	if cfg.shutdownDelay > 0 {
 		// Without a preStop hook, this is the window in which endpoints
 		// controllers notice the 503 readiness and stop routing here; the
-		// listener stays open and keeps serving meanwhile.
+		// listener stays open and keeps serving meanwhile, event streams
+		// included: a browser's EventSource that reconnects here now and
+		// meets a 503 would give up for good.
 		time.Sleep(cfg.shutdownDelay)
 	}
+	// Draining starts: event streams end now with shutting_down (their
+	// clients reconnect to another replica) and new ones are refused, so
+	// Shutdown does not wait on them.
+	hub.shutdown()
 	if err := httpServer.Shutdown(ctx); err != nil {
 		logger.Warn("shutdown timed out; closing remaining connections", "error", err.Error())
 		_ = httpServer.Close()

@@ -8,14 +8,11 @@ package main
 // (takeSnapshots) and hands it what it read or heard (deliver).
 
 import (
+	"cmp"
 	"context"
-	"log/slog"
-	"strconv"
+	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 )
 
 const (
@@ -24,20 +21,11 @@ const (
 	// client reconnects and gets the live snapshot again.
 	streamBuffer = 8
 
-	// sentGrace keeps a sent id a while past its expiry before forgetting
-	// it, so a database clock ahead of ours cannot make an expired record
-	// look new again.
-	sentGrace = 60
-)
-
-// sourceState is where the source session stands.
-type sourceState int
-
-const (
-	sourceConnecting  sourceState = iota // never up yet
-	sourceUp                             // subscribed, new records proven to arrive
-	sourceDown                           // was up or never got there; retrying
-	sourceUnavailable                    // cannot work where DATABASE_LISTEN_URL points; retrying slowly
+	// maxHeld bounds the live records held for a stream whose snapshot is
+	// still being read. A snapshot that takes so long that more arrive than
+	// this ends the stream as unavailable (its client reconnects) rather
+	// than let it hold memory.
+	maxHeld = 1024
 )
 
 // endReason is why a stream ended: a metrics label and, for the ones the
@@ -51,79 +39,13 @@ const (
 	endClientGone
 	endSlowConsumer
 	endUnavailable
+	endReplaced // a newer stream of the same user took its place (STREAMS_PER_USER)
 	numEndReasons
 )
 
-var endReasonNames = [numEndReasons]string{"token_expired", "key_removed", "shutting_down", "client_gone", "slow_consumer", "unavailable"}
+var endReasonNames = [numEndReasons]string{"token_expired", "key_removed", "shutting_down", "client_gone", "slow_consumer", "unavailable", "replaced"}
 
 func (r endReason) String() string { return endReasonNames[r] }
-
-// eventType labels the events counter.
-type eventType int
-
-const (
-	eventRecord eventType = iota
-	eventReady
-	eventEnd
-	eventPing
-	numEventTypes
-)
-
-var eventTypeNames = [numEventTypes]string{"record", "ready", "end", "ping"}
-
-// Where new records come from (STREAM_SOURCE).
-const (
-	sourceNotify = "notify"
-	sourceWAL    = "wal"
-)
-
-// hubConfig is what the source and the streams need from the configuration.
-type hubConfig struct {
-	source       string          // STREAM_SOURCE: sourceNotify (default) or sourceWAL
-	conn         *pgx.ConnConfig // DATABASE_LISTEN_URL
-	maxStreams   int             // STREAMS_MAX
-	perUser      int             // STREAMS_PER_USER
-	heartbeat    time.Duration   // STREAM_HEARTBEAT
-	queryTimeout time.Duration   // bound of one read on the session
-
-	// probeTimeout bounds the wait for the self-probe after LISTEN; retryMin
-	// and retryMax bound the backoff between attempts after a transient
-	// failure, unavailableRetry the wait when the source cannot work there.
-	probeTimeout     time.Duration
-	retryMin         time.Duration
-	retryMax         time.Duration
-	unavailableRetry time.Duration
-}
-
-func (c *hubConfig) setDefaults() {
-	if c.source == "" {
-		c.source = sourceNotify
-	}
-	if c.maxStreams <= 0 {
-		c.maxStreams = 10000
-	}
-	if c.perUser <= 0 {
-		c.perUser = 5
-	}
-	if c.heartbeat <= 0 {
-		c.heartbeat = 15 * time.Second
-	}
-	if c.queryTimeout <= 0 {
-		c.queryTimeout = 10 * time.Second
-	}
-	if c.probeTimeout <= 0 {
-		c.probeTimeout = 5 * time.Second
-	}
-	if c.retryMin <= 0 {
-		c.retryMin = 100 * time.Millisecond
-	}
-	if c.retryMax <= 0 {
-		c.retryMax = 5 * time.Second
-	}
-	if c.unavailableRetry <= 0 {
-		c.unavailableRetry = 30 * time.Second
-	}
-}
 
 // frame is one record event, encoded once and shared by every stream it
 // goes to.
@@ -134,10 +56,13 @@ type frame struct {
 	data     []byte    // "event: record\nid: ...\ndata: ...\n\n"
 }
 
-// delivery is one batch for one stream; ready marks the end of its snapshot.
+// delivery is one batch for one stream, written in this order: frames,
+// then ready if it ends the snapshot, then after (the live records that
+// arrived while the snapshot was being read).
 type delivery struct {
 	frames []*frame
 	ready  bool
+	after  []*frame
 }
 
 // stream is one open event stream as the hub sees it.
@@ -149,9 +74,10 @@ type stream struct {
 
 	// Guarded by hub.mu.
 	reason endReason
-	ready  bool            // its snapshot has been delivered
-	gone   bool            // unsubscribed or kicked
-	sent   map[int64]int64 // id -> expiry (unix s) of every record handed to it
+	ready  bool     // its snapshot has been delivered
+	gone   bool     // unsubscribed or kicked
+	held   []*frame // live records that came before its snapshot
+	sent   sentSet  // what it has been handed
 }
 
 // streamRefusal is a subscription the hub turned down, as the HTTP answer.
@@ -162,11 +88,11 @@ type streamRefusal struct {
 	retryAfter int // seconds
 }
 
-// hub owns the registry of open streams and runs the source that feeds it.
-type hub struct {
-	cfg    hubConfig
-	logger *slog.Logger
-	src    recordSource
+// registry is who is subscribed: a user's streams in subscription order,
+// the streams waiting for a snapshot, and the source's state for the 503s.
+type registry struct {
+	maxStreams int // STREAMS_MAX
+	perUser    int // STREAMS_PER_USER
 
 	mu      sync.Mutex
 	users   map[int64][]*stream
@@ -177,176 +103,114 @@ type hub struct {
 	state   sourceState
 	why     string // details for a 503 while not up
 
-	closing   chan struct{} // closed at shutdown: every stream ends at once
+	closing   chan struct{} // closed when draining starts: every stream ends at once
 	closeOnce sync.Once
-	stopOnce  sync.Once
-	cancel    context.CancelFunc
-	done      chan struct{}
-
-	events        [numEventTypes]atomic.Int64
-	ends          [numEndReasons]atomic.Int64
-	lag           histogram
-	reconnects    atomic.Int64
-	reads         atomic.Int64
-	notifications atomic.Int64
-	badPayloads   atomic.Int64
 }
 
-func newHub(cfg hubConfig, logger *slog.Logger) *hub {
-	cfg.setDefaults()
-	h := &hub{
-		cfg:     cfg,
-		logger:  logger,
-		users:   make(map[int64][]*stream),
-		closing: make(chan struct{}),
-		done:    make(chan struct{}),
-		why:     "live updates are starting; retry shortly",
-	}
-	h.src = newSource(h)
-	return h
-}
-
-// start runs the source until stop.
-func (h *hub) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	h.cancel = cancel
-	go h.run(ctx)
-}
-
-// stop ends the source and waits for it; streams are left alone.
-func (h *hub) stop() {
-	h.stopOnce.Do(func() {
-		if h.cancel != nil {
-			h.cancel()
-			<-h.done
-		}
-	})
-}
-
-// shutdown ends every stream with shutting_down at once, refuses new ones,
-// and stops the source. The streams do not wait for the drain: their
-// clients should reconnect to another replica now.
-func (h *hub) shutdown() {
-	h.closeOnce.Do(func() { close(h.closing) })
-	h.stop()
+// closeAll ends every stream with shutting_down and refuses new ones.
+func (r *registry) closeAll() {
+	r.closeOnce.Do(func() { close(r.closing) })
 }
 
 // subscribe registers a stream for userID and asks the source for its
 // snapshot. Subscribing first and reading second is what keeps a record
 // committed around the moment of connecting from falling between the two.
-func (h *hub) subscribe(userID int64) (*stream, *streamRefusal) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+// A user at STREAMS_PER_USER gets the stream anyway: the oldest one ends
+// with replaced, so a phone whose old connections vanished or were
+// suspended is never locked out by them.
+func (r *registry) subscribe(userID int64) (*stream, *streamRefusal) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	select {
-	case <-h.closing:
+	case <-r.closing:
 		return nil, refuseShuttingDown
 	default:
 	}
-	if h.state != sourceUp {
-		return nil, h.notUpLocked()
+	if r.state != sourceUp {
+		return nil, r.notUpLocked()
 	}
-	if h.open >= h.cfg.maxStreams {
+	for len(r.users[userID]) >= r.perUser {
+		r.kickLocked(r.users[userID][0], endReplaced)
+	}
+	if r.open >= r.maxStreams {
 		return nil, &streamRefusal{503, "unavailable",
 			"this instance has reached its limit of open event streams (STREAMS_MAX); retry shortly", 5}
 	}
-	if len(h.users[userID]) >= h.cfg.perUser {
-		return nil, &streamRefusal{429, "too_many_streams",
-			"this user already has " + strconv.Itoa(h.cfg.perUser) + " open event streams; close one before opening another", 5}
-	}
 	st := &stream{userID: userID, ch: make(chan delivery, streamBuffer)}
-	h.users[userID] = append(h.users[userID], st)
-	h.open++
-	h.pending = append(h.pending, st)
-	h.wakeLocked()
+	r.users[userID] = append(r.users[userID], st)
+	r.open++
+	r.pending = append(r.pending, st)
+	r.wakeLocked()
 	return st, nil
 }
 
 var refuseShuttingDown = &streamRefusal{503, "unavailable",
 	"the service is shutting down; reconnect to receive live updates from another instance", 1}
 
-// available is subscribe's verdict without subscribing (HEAD).
-func (h *hub) available() *streamRefusal {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	select {
-	case <-h.closing:
-		return refuseShuttingDown
-	default:
-	}
-	if h.state != sourceUp {
-		return h.notUpLocked()
-	}
-	return nil
-}
-
 // notUpLocked is the 503 while the source is not up: retry soon while it
 // (re)connects, later when the configuration has to change.
-func (h *hub) notUpLocked() *streamRefusal {
+func (r *registry) notUpLocked() *streamRefusal {
 	retry := 2
-	if h.state == sourceUnavailable {
+	if r.state == sourceUnavailable {
 		retry = 30
 	}
-	return &streamRefusal{503, "unavailable", h.why, retry}
+	return &streamRefusal{503, "unavailable", r.why, retry}
 }
 
 // unsubscribe forgets a stream; safe to call after the hub kicked it.
-func (h *hub) unsubscribe(st *stream) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.removeLocked(st)
+func (r *registry) unsubscribe(st *stream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.removeLocked(st)
 }
 
-func (h *hub) removeLocked(st *stream) {
+// removeLocked takes st out of the registry. A user's list stays in
+// subscription order: its first stream is the oldest, the one a new stream
+// over the limit replaces.
+func (r *registry) removeLocked(st *stream) {
 	if st.gone {
 		return
 	}
 	st.gone = true
-	h.open--
-	list := h.users[st.userID]
-	for i, s := range list {
-		if s == st {
-			list[i] = list[len(list)-1]
-			list[len(list)-1] = nil
-			list = list[:len(list)-1]
-			break
-		}
-	}
+	st.held = nil
+	r.open--
+	list := slices.DeleteFunc(r.users[st.userID], func(s *stream) bool { return s == st })
 	if len(list) == 0 {
-		delete(h.users, st.userID)
+		delete(r.users, st.userID)
 	} else {
-		h.users[st.userID] = list
+		r.users[st.userID] = list
 	}
 }
 
 // kickLocked ends a stream from the hub's side.
-func (h *hub) kickLocked(st *stream, why endReason) {
+func (r *registry) kickLocked(st *stream, why endReason) {
 	if st.gone {
 		return
 	}
 	st.reason = why
-	h.removeLocked(st)
+	r.removeLocked(st)
 	close(st.ch)
 }
 
-func (h *hub) wakeLocked() {
-	if h.wake != nil {
-		h.wake()
-		h.wake = nil
+func (r *registry) wakeLocked() {
+	if r.wake != nil {
+		r.wake()
+		r.wake = nil
 	}
 }
 
 // openStreams is the gauge.
-func (h *hub) openStreams() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.open
+func (r *registry) openStreams() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.open
 }
 
 // listening reports whether the source is up (the name predates STREAM_SOURCE).
-func (h *hub) listening() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.state == sourceUp
+func (r *registry) listening() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.state == sourceUp
 }
 
 // --- what a source calls ---
@@ -354,45 +218,45 @@ func (h *hub) listening() bool {
 // waitForWork returns a context that is cancelled when a stream subscribes,
 // so a source blocked on its session wakes to read the snapshot; busy is
 // true when there is already something to read (then no context is armed).
-func (h *hub) waitForWork(ctx context.Context) (wctx context.Context, cancel context.CancelFunc, busy bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.resync || len(h.pending) > 0 {
+func (r *registry) waitForWork(ctx context.Context) (wctx context.Context, cancel context.CancelFunc, busy bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.resync || len(r.pending) > 0 {
 		return nil, nil, true
 	}
 	wctx, cancel = context.WithCancel(ctx)
-	h.wake = cancel
+	r.wake = cancel
 	return wctx, cancel, false
 }
 
 // doneWaiting disarms waitForWork's context.
-func (h *hub) doneWaiting() {
-	h.mu.Lock()
-	h.wake = nil
-	h.mu.Unlock()
+func (r *registry) doneWaiting() {
+	r.mu.Lock()
+	r.wake = nil
+	r.mu.Unlock()
 }
 
 // requestResync makes the next snapshot read cover every open stream: what
 // a source calls once it is subscribed again after a gap.
-func (h *hub) requestResync() {
-	h.mu.Lock()
-	h.resync = true
-	h.mu.Unlock()
+func (r *registry) requestResync() {
+	r.mu.Lock()
+	r.resync = true
+	r.mu.Unlock()
 }
 
 // takeSnapshots says which users' live records the next read must cover and
 // which streams that read completes (their snapshot). After a resync
 // request that is every user with an open stream.
-func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if !h.resync && len(h.pending) == 0 {
+func (r *registry) takeSnapshots() (users []int64, snap []*stream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.resync && len(r.pending) == 0 {
 		return nil, nil
 	}
 	userSet := make(map[int64]struct{})
-	if h.resync {
-		h.resync = false
-		for uid, list := range h.users {
+	if r.resync {
+		r.resync = false
+		for uid, list := range r.users {
 			userSet[uid] = struct{}{}
 			for _, st := range list {
 				if !st.ready {
@@ -401,15 +265,15 @@ func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
 			}
 		}
 	} else {
-		for _, st := range h.pending {
+		for _, st := range r.pending {
 			if !st.gone {
 				snap = append(snap, st)
 				userSet[st.userID] = struct{}{}
 			}
 		}
 	}
-	clear(h.pending)
-	h.pending = h.pending[:0]
+	clear(r.pending)
+	r.pending = r.pending[:0]
 	for uid := range userSet {
 		users = append(users, uid)
 	}
@@ -417,26 +281,29 @@ func (h *hub) takeSnapshots() (users []int64, snap []*stream) {
 }
 
 // streamed reports whether userID has an open stream.
-func (h *hub) streamed(userID int64) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return len(h.users[userID]) > 0
+func (r *registry) streamed(userID int64) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.users[userID]) > 0
 }
 
-// deliver hands records to the streams: ready streams of each record's user
-// get what they have not been sent; each snapshot stream gets all its
-// user's records and then ready. Streams still waiting for a snapshot that
-// is not part of this read get nothing: their snapshot starts later and
-// will see these records, which were committed before the source heard of
-// them.
-func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
-	now := time.Now().Unix()
-	h.mu.Lock()
-	defer h.mu.Unlock()
+// deliver hands records to the streams. A ready stream of a record's user
+// gets what it has not been sent. A stream still waiting for its snapshot
+// holds them: the snapshot read may have started before they were committed
+// (the wal source reads snapshots on another connection while it decodes),
+// so they are handed over right after its snapshot and ready, less what the
+// snapshot already had. Each stream in snap gets its user's records, ready,
+// and what it held.
+func (r *registry) deliver(snap []*stream, byUser map[int64][]*frame) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	for uid, frames := range byUser {
-		for _, st := range append([]*stream(nil), h.users[uid]...) {
+		// A copy: sending may kick a stream out of the list.
+		for _, st := range slices.Clone(r.users[uid]) {
 			if st.ready {
-				h.sendLocked(st, frames, false, now)
+				r.sendLocked(st, delivery{frames: st.sent.unsent(frames)})
+			} else {
+				r.holdLocked(st, frames)
 			}
 		}
 	}
@@ -444,36 +311,81 @@ func (h *hub) deliver(snap []*stream, byUser map[int64][]*frame) {
 		if st.gone {
 			continue
 		}
+		if st.ready {
+			// A second snapshot of a stream already served (a resync
+			// that overlapped its first read): only what is new to it.
+			r.sendLocked(st, delivery{frames: st.sent.unsent(byUser[st.userID])})
+			continue
+		}
 		st.ready = true
-		h.sendLocked(st, byUser[st.userID], true, now)
+		d := delivery{frames: st.sent.unsent(byUser[st.userID]), ready: true}
+		d.after = st.sent.unsent(st.held)
+		st.held = nil
+		r.sendLocked(st, d)
 	}
 }
 
-// sendLocked queues the frames st has not had yet. A stream whose queue is
-// full has stopped reading: it is ended rather than allowed to hold memory.
-func (h *hub) sendLocked(st *stream, frames []*frame, ready bool, now int64) {
-	for id, exp := range st.sent {
-		if exp+sentGrace < now {
-			delete(st.sent, id)
-		}
+// holdLocked keeps live records for a stream whose snapshot is being read.
+func (r *registry) holdLocked(st *stream, frames []*frame) {
+	if len(st.held)+len(frames) > maxHeld {
+		r.kickLocked(st, endUnavailable)
+		return
 	}
-	var out []*frame
-	for _, f := range frames {
-		if _, dup := st.sent[f.id]; dup {
-			continue
-		}
-		if st.sent == nil {
-			st.sent = make(map[int64]int64)
-		}
-		st.sent[f.id] = f.expires
-		out = append(out, f)
-	}
-	if len(out) == 0 && !ready {
+	st.held = append(st.held, frames...)
+}
+
+// sendLocked queues a batch. A stream whose queue is full has stopped
+// reading: it is ended rather than allowed to hold memory.
+func (r *registry) sendLocked(st *stream, d delivery) {
+	if len(d.frames) == 0 && len(d.after) == 0 && !d.ready {
 		return
 	}
 	select {
-	case st.ch <- delivery{frames: out, ready: ready}:
+	case st.ch <- d:
 	default:
-		h.kickLocked(st, endSlowConsumer)
+		r.kickLocked(st, endSlowConsumer)
+	}
+}
+
+// sentSet is the ids handed to one stream, with their expiry (unix s), so
+// that none is sent twice. Forgetting is not keyed on any clock: the
+// database's now() decides what a read returns, and a service clock that
+// disagrees with it would forget an id the next resync still returns. It
+// forgets only when it grows past sentCap, and then the half that expires
+// first: an id forgotten so can come back only if every id kept is live
+// too, that is with more than sentCap/2 live records of one user at once.
+type sentSet map[int64]int64
+
+const sentCap = 4096
+
+// unsent returns the frames not sent yet and records them as sent.
+func (s *sentSet) unsent(frames []*frame) []*frame {
+	var out []*frame
+	for _, f := range frames {
+		if _, dup := (*s)[f.id]; dup {
+			continue
+		}
+		if *s == nil {
+			*s = make(sentSet)
+		}
+		(*s)[f.id] = f.expires
+		out = append(out, f)
+	}
+	if len(*s) > sentCap {
+		s.forgetEarliest()
+	}
+	return out
+}
+
+// forgetEarliest drops the half of the set that expires first.
+func (s *sentSet) forgetEarliest() {
+	type entry struct{ id, expires int64 }
+	all := make([]entry, 0, len(*s))
+	for id, exp := range *s {
+		all = append(all, entry{id, exp})
+	}
+	slices.SortFunc(all, func(a, b entry) int { return cmp.Compare(a.expires, b.expires) })
+	for _, e := range all[:len(all)/2] {
+		delete(*s, e.id)
 	}
 }

@@ -7,8 +7,9 @@ import (
 	"time"
 )
 
-// maxCachedTokens bounds the cache of verified tokens: about 100 bytes an
-// entry, so at most a couple of MiB, and room for every cardholder active
+// maxCachedTokens bounds the cache of verified tokens: about 150 bytes an
+// entry (the principal, with its key's 32-byte thumbprint, and the token's
+// hash), so at most about 2.5 MiB, and room for every cardholder active
 // within a token lifetime on one instance.
 const maxCachedTokens = 16384
 
