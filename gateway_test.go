@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -252,9 +253,18 @@ type gatewayService struct {
 	svc  *runningService
 	key  testKey
 	pool *pgxpool.Pool
+	dsn  string
+	jwks string // the identity provider's JWKS URL
 }
 
 func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService {
+	t.Helper()
+	return startGatewayServiceWith(t, map[string]string{"STREAM_HEARTBEAT": heartbeat.String()})
+}
+
+// startGatewayServiceWith starts the service on a database of its own, with
+// extra settings in env.
+func startGatewayServiceWith(t *testing.T, env map[string]string) *gatewayService {
 	t.Helper()
 	dsn := newEmptyTestDB(t)
 	if err := run(context.Background(), []string{"migrate"}, envFunc(map[string]string{"DATABASE_URL": dsn}), &syncBuffer{}, &syncBuffer{}); err != nil {
@@ -262,8 +272,17 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 	}
 	key := newTestKey(t, jwa.ES256, "gateway", 0)
 	idp := newJWKSServer(t, key.publicJWK(t, false))
-	env := serviceEnv(dsn, idp.URL)
-	env["STREAM_HEARTBEAT"] = heartbeat.String()
+	return startGatewayServiceOn(t, &gatewayService{key: key, dsn: dsn, jwks: idp.URL}, env)
+}
+
+// startGatewayServiceOn starts another instance of the service on like's
+// database and identity provider, as a second replica or a restart is.
+func startGatewayServiceOn(t *testing.T, like *gatewayService, extra map[string]string) *gatewayService {
+	t.Helper()
+	env := serviceEnv(like.dsn, like.jwks)
+	for k, v := range extra {
+		env[k] = v
+	}
 	svc := startRun(t, env)
 	waitFor(t, 15*time.Second, "readiness", func() bool { code, _ := svc.get(t, "/readyz", ""); return code == http.StatusOK })
 	// Readiness does not wait for the LISTEN session (the list endpoint
@@ -272,7 +291,7 @@ func startGatewayService(t *testing.T, heartbeat time.Duration) *gatewayService 
 		_, body := svc.get(t, "/metrics", "")
 		return strings.Contains(string(body), "\nthreeds_stream_source_up{source=\"notify\"} 1\n")
 	})
-	return &gatewayService{svc: svc, key: key, pool: newTestPool(t, dsn, nil)}
+	return &gatewayService{svc: svc, key: like.key, pool: newTestPool(t, like.dsn, nil), dsn: like.dsn, jwks: like.jwks}
 }
 
 // upstream is the host:port nginx proxies to.
@@ -520,6 +539,151 @@ func TestTheListEndpointWorksThroughNginx(t *testing.T) {
 				!strings.HasPrefix(denied.header.Get("WWW-Authenticate"), "Bearer") {
 				t.Errorf("no token through nginx: %d %q %s", denied.code, denied.header.Get("WWW-Authenticate"), denied.body)
 			}
+		})
+	}
+}
+
+// startHAProxy starts scripts/haproxy.sh in front of upstream (host:port)
+// and returns HAProxy's base URL; like startNginx, it installs the Debian
+// package as root, and skips where it cannot unless CI=true.
+func startHAProxy(t *testing.T, upstream string, env ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	cmd := exec.Command("bash", "scripts/haproxy.sh", "start", dir, upstream)
+	cmd.Env = append(os.Environ(), env...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		msg := stderr.String()
+		unavailable := strings.Contains(msg, "haproxy was not found") || strings.Contains(msg, "apt-get install haproxy failed")
+		if unavailable && os.Getenv("CI") != "true" {
+			t.Skipf("HAProxy is not installed and this machine cannot install it (needs root and apt-get, or HAPROXY_BIN): %s", strings.TrimSpace(msg))
+		}
+		t.Fatalf("scripts/haproxy.sh start: %v\n%s", err, msg)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("bash", "scripts/haproxy.sh", "stop", dir).CombinedOutput(); err != nil {
+			t.Errorf("scripts/haproxy.sh stop: %v\n%s", err, out)
+		}
+	})
+	return strings.TrimSpace(string(out))
+}
+
+// haproxyNoDelayBound is how much later than on a direct stream an event
+// may arrive through HAProxy with `option http-no-delay`, at the median of
+// several records: tight, yet far below the ~200 ms of HAProxy's batching.
+const haproxyNoDelayBound = 50 * time.Millisecond
+
+// TestTheEventStreamGetsThroughHAProxyAtOnceWithHTTPNoDelay: the same
+// user's stream is open directly, through HAProxy with `option
+// http-no-delay`, and through a stock HAProxy; records are stored one at a
+// time. Through http-no-delay each arrives within haproxyNoDelayBound of the
+// direct stream's (median); the stock config is the control: it holds each
+// event back (its send batching), so the bound is not met by luck.
+func TestTheEventStreamGetsThroughHAProxyAtOnceWithHTTPNoDelay(t *testing.T) {
+	g := startGatewayService(t, 15*time.Second)
+	const user = 8181
+	token := g.token(t, user)
+	direct := openGatewayStream(t, g.svc.base, token)
+	noDelay := openGatewayStream(t, startHAProxy(t, g.upstream(), "HAPROXY_HTTP_NO_DELAY=on"), token)
+	stock := openGatewayStream(t, startHAProxy(t, g.upstream()), token)
+	for _, s := range []*gwStream{direct, noDelay, stock} {
+		s.next(t, gatewayPrompt, "event: ready", isEvent("ready"))
+	}
+	if h := noDelay.resp.Header; !strings.HasPrefix(h.Get("Content-Type"), "text/event-stream") || h.Get("Cache-Control") != "no-store" || h.Get("X-Request-ID") == "" {
+		t.Errorf("headers through HAProxy = %v", h)
+	}
+
+	const records = 9
+	var lateNoDelay, lateStock []time.Duration
+	for i := range records {
+		id := g.store(t, user, fmt.Sprintf("8%05d", i))
+		what := fmt.Sprintf("the record event for id %d", id)
+		match := func(ev gwEvent) bool { return isEvent("record")(ev) && ev.id == fmt.Sprint(id) }
+		at := direct.next(t, gatewayPrompt, what, match).at
+		lateNoDelay = append(lateNoDelay, noDelay.next(t, gatewayPrompt, what+" through http-no-delay", match).at.Sub(at))
+		lateStock = append(lateStock, stock.next(t, gatewayPrompt, what+" through a stock HAProxy", match).at.Sub(at))
+		time.Sleep(300 * time.Millisecond) // one event at a time, as passcodes come
+	}
+	nd, st := medianDuration(lateNoDelay), medianDuration(lateStock)
+	t.Logf("later than direct, median of %d records: http-no-delay %s, stock HAProxy %s (all: %v / %v)",
+		records, nd.Round(100*time.Microsecond), st.Round(100*time.Microsecond), roundAll(lateNoDelay), roundAll(lateStock))
+	if nd > haproxyNoDelayBound {
+		t.Errorf("through HAProxy with http-no-delay, events arrive %s later than direct (median), want at most %s", nd, haproxyNoDelayBound)
+	}
+	if st < 2*haproxyNoDelayBound {
+		t.Errorf("through a stock HAProxy, events arrive only %s later than direct (median): the control shows no batching, so the bound above proves nothing", st)
+	}
+}
+
+func medianDuration(ds []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), ds...)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func roundAll(ds []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond)
+	}
+	return out
+}
+
+// TestTheEventStreamOutlivesHAProxyTimeoutsThanksToHeartbeats: HAProxy
+// closes a stream whose server side stays silent for `timeout server` (3 s
+// here); a heartbeat shorter than that keeps the stream open through three
+// such periods and it still delivers records; a longer one is the control.
+// `timeout client` and `timeout tunnel` do not cut an idle event stream
+// (the client has sent its whole request; a plain HTTP answer is no
+// tunnel): the last row shows it, so nobody tunes them for this.
+func TestTheEventStreamOutlivesHAProxyTimeoutsThanksToHeartbeats(t *testing.T) {
+	const idle = 3 * time.Second
+	cases := []struct {
+		name      string
+		timeouts  []string
+		heartbeat time.Duration
+		survives  bool
+	}{
+		{name: "heartbeat 1s under a 3s timeout server", timeouts: []string{"HAPROXY_TIMEOUT_SERVER=3s"}, heartbeat: time.Second, survives: true},
+		{name: "heartbeat 20s over a 3s timeout server", timeouts: []string{"HAPROXY_TIMEOUT_SERVER=3s"}, heartbeat: 20 * time.Second, survives: false},
+		{name: "heartbeat 20s over a 3s timeout client and timeout tunnel, timeout server 60s", timeouts: []string{"HAPROXY_TIMEOUT_CLIENT=3s", "HAPROXY_TIMEOUT_TUNNEL=3s"}, heartbeat: 20 * time.Second, survives: true},
+	}
+	for i, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			g := startGatewayService(t, c.heartbeat)
+			user := int64(8282 + i)
+			token := g.token(t, user)
+			base := startHAProxy(t, g.upstream(), append([]string{"HAPROXY_HTTP_NO_DELAY=on"}, c.timeouts...)...)
+			s := openGatewayStream(t, base, token)
+			ready := s.next(t, gatewayPrompt, "event: ready", isEvent("ready"))
+
+			got, err := s.collect(3 * idle)
+			if !c.survives {
+				if err == nil {
+					t.Fatalf("the stream outlived HAProxy's %v without heartbeats: the fixture's timeouts are not in force", c.timeouts)
+				}
+				t.Logf("without heartbeats HAProxy ended the stream after %s (%v)", time.Since(ready.at).Round(100*time.Millisecond), err)
+				return
+			}
+			if err != nil {
+				t.Fatalf("the stream ended after %s (%v) under %v with %s heartbeats", time.Since(ready.at).Round(100*time.Millisecond), err, c.timeouts, c.heartbeat)
+			}
+			var pings int
+			for _, ev := range got {
+				if ev.isComment {
+					pings++
+				}
+			}
+			if min := int(3*idle/c.heartbeat) / 2; c.heartbeat < idle && pings < min {
+				t.Errorf("%d heartbeats in %s, want at least %d", pings, 3*idle, min)
+			}
+			id := g.store(t, user, "888001")
+			s.next(t, gatewayPrompt, "a record after the long silence", func(ev gwEvent) bool {
+				return isEvent("record")(ev) && ev.id == fmt.Sprint(id)
+			})
 		})
 	}
 }
