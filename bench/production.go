@@ -177,6 +177,10 @@ func runProduction(ctx context.Context, o options, admin *pgx.Conn, tokens map[i
 			logf("stream: could not delete the production cases' rows: %v", err)
 		}
 	}()
+	// The sweeps commit on admin.
+	if err := durableCommits(ctx, admin); err != nil {
+		return false, err
+	}
 	so := o
 	so.serviceEnv = append([]string{
 		// Room for the big user's streams next to one per streamed user;
@@ -315,6 +319,19 @@ func sampleLag(ctx context.Context) []lagSample {
 	return out
 }
 
+// durableCommits makes a session's COMMIT wait for its WAL flush, as a card
+// issuer's writer does. The throwaway cluster runs synchronous_commit = off
+// (scripts/pg.sh), where a commit returns before the walwriter flushes it, up
+// to wal_writer_delay (200 ms) later; a WAL sender decodes only flushed WAL,
+// so the wal source would be measured as 200 ms late for the cluster's sake.
+// With fsync = off the flush is a write, not a disk sync.
+func durableCommits(ctx context.Context, conn *pgx.Conn) error {
+	if _, err := conn.Exec(ctx, "SET synchronous_commit = on"); err != nil {
+		return fmt.Errorf("writer: SET synchronous_commit: %w", err)
+	}
+	return nil
+}
+
 // write stores *streamRate live records per second for random streamed
 // users until ctx ends, noting when each commit returned.
 func (p *prodRun) write(ctx context.Context, dsn string) error {
@@ -323,6 +340,9 @@ func (p *prodRun) write(ctx context.Context, dsn string) error {
 		return fmt.Errorf("writer connect: %w", err)
 	}
 	defer conn.Close(context.Background())
+	if err := durableCommits(ctx, conn); err != nil {
+		return err
+	}
 	const insert = `
 INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
 VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`

@@ -339,6 +339,9 @@ func (b *streamBench) write(ctx context.Context, dsn string, n int, r *streamRes
 		return fmt.Errorf("writer connect: %w", err)
 	}
 	defer conn.Close(context.Background())
+	if err := durableCommits(ctx, conn); err != nil {
+		return err
+	}
 	const insert = `
 INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
 VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
