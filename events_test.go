@@ -31,7 +31,9 @@ func testHubConfig(t testing.TB, dsn string) hubConfig {
 		t.Fatal(err)
 	}
 	cc.RuntimeParams["application_name"] = "threeds-records-listen"
-	return hubConfig{conn: cc, queryTimeout: 5 * time.Second}
+	source := testStreamSource(t)
+	prepareTestSource(t, dsn, source)
+	return hubConfig{source: source, conn: cc, queryTimeout: 5 * time.Second}
 }
 
 func publicKeys(t testing.TB, keys ...testKey) []jwk.Key {
@@ -883,6 +885,8 @@ func startStreamRun(t *testing.T, change func(env map[string]string)) (*runningS
 	key := newTestKey(t, jwa.ES256, "run", 0)
 	idp := newJWKSServer(t, key.publicJWK(t, false))
 	env := serviceEnv(dsn, idp.URL)
+	env["STREAM_SOURCE"] = testStreamSource(t)
+	prepareTestSource(t, dsn, env["STREAM_SOURCE"])
 	if change != nil {
 		change(env)
 	}

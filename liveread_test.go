@@ -392,6 +392,7 @@ func TestStreamStaysUpOnALongHistoryWithALowQueryTimeout(t *testing.T) {
 	h := history{bigUser: 7, bigRows: 300000, firstUser: 10000, users: 2000, perUser: 50}
 	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.queryTimeout = timeout }})
 	populate(t, svc.dsn, h)
+	waitForSourceToCatchUp(t, svc)
 
 	t.Run("a user with 300,000 rows gets ready at once and another user's record still arrives", func(t *testing.T) {
 		began := time.Now()

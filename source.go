@@ -38,20 +38,9 @@ type recordSource interface {
 func newSource(h *hub) recordSource {
 	switch h.cfg.source {
 	case sourceWAL:
-		return unbuiltSource{}
+		return newWalSource(h)
 	default:
 		return newNotifySource(h)
-	}
-}
-
-// unbuiltSource stands in for the wal source until it exists.
-type unbuiltSource struct{}
-
-func (unbuiltSource) session(context.Context, bool) (bool, error) {
-	return false, &unavailableError{
-		details: "STREAM_SOURCE=wal is not available in this build",
-		fix:     "STREAM_SOURCE=notify",
-		err:     errors.New("no wal source"),
 	}
 }
 

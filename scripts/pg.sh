@@ -144,10 +144,12 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 max_connections = 200
-# so that 'pg.sh standby' can stream from it (replica is the default; said here so
-# it stays true); initdb -A trust already lets loopback replication connections in
-wal_level = replica
-max_wal_senders = 10
+# logical: STREAM_SOURCE=wal decodes the WAL, and 'pg.sh standby' streams from it
+# too; initdb -A trust already lets loopback replication connections in. Every
+# wal-source service of a parallel test run holds a slot and a WAL sender.
+wal_level = logical
+max_wal_senders = 40
+max_replication_slots = 40
 EOF
 }
 
