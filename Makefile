@@ -10,8 +10,9 @@ test:
 
 # Throwaway PostgreSQL + seeded data + the real binary under load; prints the
 # tables: the service beside ../shared/floor, then the event-stream scenario
-# (about 10 minutes). BENCH_ARGS passes flags to the bench tool, e.g.
-# BENCH_ARGS='-only stream' or '-only pages'.
+# and its production cases on 5 M rows of history (about 10 minutes).
+# BENCH_ARGS passes flags to the bench tool, e.g. BENCH_ARGS='-only stream',
+# '-only pages' or '-only stream -stream-parts production -source wal'.
 .PHONY: bench
 bench:
 	bench/run.sh

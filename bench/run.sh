@@ -95,12 +95,25 @@ fi
 
 say "starting PostgreSQL in $pgdir"
 db_url=$(bash scripts/pg.sh start "$pgdir")
+# The wal source (-source wal) needs wal_level = logical, which scripts/pg.sh
+# does not set (replica): set it and restart once. Only then, because
+# logical adds WAL to every insert the notify scenario's writer measures.
+case " $* ${BENCH_ARGS:-} " in
+*" -source wal "* | *" -source=wal "* | *" --source wal "* | *" --source=wal "*)
+	psql=$(cat "$pgdir/bindir")/psql
+	if [ "$("$psql" -X -A -t -q "$db_url" -c 'SHOW wal_level')" != logical ]; then
+		say "setting wal_level = logical for the wal source (one restart)"
+		"$psql" -X -q "$db_url" -c 'ALTER SYSTEM SET wal_level = logical' >/dev/null
+		db_url=$(bash scripts/pg.sh restart "$pgdir")
+	fi
+	;;
+esac
 DATABASE_URL=$db_url "$root/bin/threeds-records" migrate >/dev/null
 
 # The tool runs in the background so the traps fire at once on Ctrl-C.
 # pgbench (the stream scenario's writer) ships with the server binaries.
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags on purpose
-"$tmp/bench" -db "$db_url" -service "$service" -dir "$tmp" \
+"$tmp/bench" -db "$db_url" -service "$service" -migrate-bin "$root/bin/threeds-records" -dir "$tmp" \
 	-pg-pid-file "$pgdir/data/postmaster.pid" -pgbench "$(cat "$pgdir/bindir")/pgbench" \
 	${extra[@]+"${extra[@]}"} ${BENCH_ARGS:-} "$@" &
 tool=$!

@@ -8,16 +8,12 @@ package main
 // NOTIFY trigger costs the card issuer's writer.
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,8 +22,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -74,35 +68,6 @@ const (
 	targetGrowth = 0.10
 )
 
-// arrival is what the readers saw of one record id.
-type arrival struct {
-	at    time.Time // first arrival
-	user  int64     // the stream that got it first
-	count int       // times it arrived over all streams
-	wrong bool      // arrived on a stream other than its user's
-}
-
-// streamBench holds the open streams and what they read.
-type streamBench struct {
-	addr   string
-	tokens map[int64]string
-
-	mu       sync.Mutex
-	arrivals map[int64]*arrival
-	owner    map[int64]int64 // record id → user, filled by the writer
-
-	pings, snapshot, ends atomic.Int64
-	dropped               atomic.Int64
-	closing               atomic.Bool
-	errMu                 sync.Mutex
-	firstDrop, firstEnd   string
-
-	connsMu sync.Mutex
-	conns   []net.Conn
-
-	openedAt time.Time // when the first stream was being opened
-}
-
 // slowRecord places a slow delivery in time: after the writer's start, and
 // in the heartbeat cycle that began when the streams were opened (every
 // stream pings STREAM_HEARTBEAT after its last write, so streams opened
@@ -145,21 +110,72 @@ type streamResult struct {
 	pgbenchNote                       string
 }
 
+// runStreamScenario migrates the database for -source, seeds the history
+// when the production cases run (everything after runs on it), then runs the
+// parts -stream-parts names.
 func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
 	n := *streamsFlag
 	if n < 1 || n > o.users {
 		return false, fmt.Errorf("-streams %d: must be 1..-users (%d): each stream needs a seeded user with a token", n, o.users)
 	}
+	if *sourceFlag != "notify" && *sourceFlag != "wal" {
+		return false, fmt.Errorf("-source %q: want notify or wal", *sourceFlag)
+	}
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil && lim.Cur < uint64(n)+256 {
 		return false, fmt.Errorf("open-files limit %d is below %d streams + 256: raise it (ulimit -n) for this process and the service", lim.Cur, n)
 	}
+	if err := migrateFor(ctx, o.dsn, *sourceFlag); err != nil {
+		return false, err
+	}
+	if wantPart("production") {
+		if err := seedHistory(ctx, admin, prodPlan()); err != nil {
+			return false, err
+		}
+	}
+	ok := true
+	if wantPart("steady") {
+		steadyOK, err := runSteady(ctx, o, admin, tokens, jwksPath)
+		if err != nil {
+			return false, err
+		}
+		ok = ok && steadyOK
+	}
+	if wantPart("production") {
+		prodOK, err := runProduction(ctx, o, admin, tokens, jwksPath)
+		if err != nil {
+			return false, fmt.Errorf("production cases: %w", err)
+		}
+		ok = ok && prodOK
+	}
+	return ok, nil
+}
+
+// migrateFor runs the release binary's `migrate` with STREAM_SOURCE=source,
+// which installs what that source needs (the trigger, or the publication).
+func migrateFor(ctx context.Context, dsn, source string) error {
+	cmd := exec.CommandContext(ctx, *migrateBin, "migrate")
+	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "DATABASE_URL=" + dsn, "STREAM_SOURCE=" + source}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s migrate with STREAM_SOURCE=%s: %v: %s", *migrateBin, source, err, lastLines(out, 5))
+	}
+	return nil
+}
+
+// runSteady is issue 9's scenario: latency, memory per stream, what idle
+// streams cost the database and (notify) what the trigger costs the writer.
+func runSteady(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
+	n := *streamsFlag
+	// The trigger's cost is the notify source's; the writer's cost of both
+	// sources side by side is bench/trigger-durable.sh.
 	var triggerDef string
-	err := admin.QueryRow(ctx, `SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'threeds_records'::regclass`, notifyTrigger).Scan(&triggerDef)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return false, fmt.Errorf("the trigger %s is not on threeds_records: `threeds-records migrate` did not install it", notifyTrigger)
-	} else if err != nil {
-		return false, fmt.Errorf("read the trigger: %w", err)
+	if *sourceFlag == "notify" {
+		err := admin.QueryRow(ctx, `SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'threeds_records'::regclass`, notifyTrigger).Scan(&triggerDef)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return false, fmt.Errorf("the trigger %s is not on threeds_records: `threeds-records migrate` did not install it", notifyTrigger)
+		} else if err != nil {
+			return false, fmt.Errorf("read the trigger: %w", err)
+		}
 	}
 	var maxID int64
 	if err := admin.QueryRow(ctx, "SELECT coalesce(max(id), 0) FROM threeds_records").Scan(&maxID); err != nil {
@@ -174,7 +190,7 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	}()
 
 	so := o
-	so.serviceEnv = append([]string{"STREAMS_MAX=" + strconv.Itoa(n)}, o.serviceEnv...)
+	so.serviceEnv = append([]string{"STREAMS_MAX=" + strconv.Itoa(n), "STREAM_SOURCE=" + *sourceFlag}, o.serviceEnv...)
 	svc, err := startService(ctx, so, jwksPath)
 	if err != nil {
 		return false, err
@@ -230,7 +246,7 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 	logf("stream: idle window without streams (%s + stats flush)", *streamIdle)
 	r.xactsNone, r.queriesNone = idleWindow()
 
-	b := &streamBench{addr: svc.addr, tokens: tokens, arrivals: map[int64]*arrival{}, owner: map[int64]int64{}}
+	b := newStreamBench(svc.addr, tokens)
 	defer b.closeAll()
 	logf("stream: opening %d streams, %d at a time", n, *streamOpenC)
 	start := time.Now()
@@ -267,6 +283,10 @@ func runStreamScenario(ctx context.Context, o options, admin *pgx.Conn, tokens m
 
 	logf("stream: writer throughput with and without the trigger (pgbench, %d x %s each)", *pgbenchRounds, *pgbenchT)
 	pb, err := newPgbench(o)
+	if err == nil && triggerDef == "" {
+		err = fmt.Errorf("STREAM_SOURCE=%s has no trigger to measure; bench/trigger-durable.sh compares the writer's cost of both sources", *sourceFlag)
+		pb = nil
+	}
 	if err == nil {
 		err = pb.withAndWithout(ctx, admin, triggerDef, r, pid)
 	}
@@ -311,165 +331,6 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 	}
 }
 
-// open starts n streams (users 1..n), c being opened at a time, and returns
-// once each is past `event: ready` or refused.
-func (b *streamBench) open(ctx context.Context, n, c int) (opened, refused int, first string) {
-	sem := make(chan struct{}, c)
-	results := make(chan error, n)
-	for u := int64(1); u <= int64(n); u++ {
-		select {
-		case sem <- struct{}{}:
-		case <-ctx.Done():
-			results <- ctx.Err()
-			continue
-		}
-		go func() {
-			b.stream(ctx, u, func(err error) {
-				<-sem
-				results <- err
-			})
-		}()
-	}
-	for range n {
-		if err := <-results; err != nil {
-			refused++
-			if first == "" {
-				first = err.Error()
-			}
-		} else {
-			opened++
-		}
-	}
-	return opened, refused, first
-}
-
-// stream is one client: a raw connection (net/http's client keeps more per
-// connection than 10,000 of them should cost the load generator), the
-// response read by http.ReadResponse for its chunked body, and events parsed
-// line by line. ready is called once: nil after `event: ready`, else why not.
-func (b *streamBench) stream(ctx context.Context, user int64, ready func(error)) {
-	signaled := false
-	signal := func(err error) {
-		if !signaled {
-			signaled = true
-			ready(err)
-		}
-	}
-	conn, err := net.DialTimeout("tcp", b.addr, 10*time.Second)
-	if err != nil {
-		signal(err)
-		return
-	}
-	b.connsMu.Lock()
-	b.conns = append(b.conns, conn)
-	b.connsMu.Unlock()
-	_ = conn.SetDeadline(time.Now().Add(60 * time.Second))
-	req := "GET /3ds/my-records/events HTTP/1.1\r\nHost: " + b.addr + "\r\nAccept: text/event-stream\r\nAuthorization: Bearer " + b.tokens[user] + "\r\n\r\n"
-	if _, err := io.WriteString(conn, req); err != nil {
-		signal(err)
-		conn.Close()
-		return
-	}
-	br := bufio.NewReaderSize(conn, 1024)
-	resp, err := http.ReadResponse(br, &http.Request{Method: http.MethodGet})
-	if err != nil {
-		signal(err)
-		conn.Close()
-		return
-	}
-	if resp.StatusCode != http.StatusOK {
-		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		signal(fmt.Errorf("HTTP %d %s", resp.StatusCode, bytes.TrimSpace(body)))
-		conn.Close()
-		return
-	}
-	lr := bufio.NewReaderSize(resp.Body, 1024)
-	var (
-		event   string
-		id      int64
-		isReady bool
-	)
-	for {
-		line, err := lr.ReadSlice('\n')
-		if err != nil {
-			if signaled && !b.closing.Load() && ctx.Err() == nil {
-				b.dropped.Add(1)
-				b.errMu.Lock()
-				if b.firstDrop == "" {
-					b.firstDrop = fmt.Sprintf("stream of user %d ended: %v", user, err)
-				}
-				b.errMu.Unlock()
-			}
-			signal(fmt.Errorf("stream ended before ready: %w", err))
-			conn.Close()
-			return
-		}
-		now := time.Now()
-		line = bytes.TrimRight(line, "\r\n")
-		switch {
-		case len(line) == 0:
-			switch event {
-			case "ready":
-				if !isReady {
-					isReady = true
-					// No deadline from here on: a stream is silent for up to
-					// STREAM_HEARTBEAT, and closeAll ends the reads.
-					_ = conn.SetDeadline(time.Time{})
-					signal(nil)
-				}
-			case "record":
-				if isReady {
-					b.arrived(id, user, now)
-				} else {
-					b.snapshot.Add(1)
-				}
-			case "end":
-				b.ends.Add(1)
-			}
-			event, id = "", 0
-		case line[0] == ':':
-			b.pings.Add(1)
-		case bytes.HasPrefix(line, []byte("event:")):
-			event = string(bytes.TrimSpace(line[len("event:"):]))
-		case bytes.HasPrefix(line, []byte("id:")):
-			id, _ = strconv.ParseInt(string(bytes.TrimSpace(line[len("id:"):])), 10, 64)
-		case bytes.HasPrefix(line, []byte("data:")) && event == "end":
-			b.errMu.Lock()
-			if b.firstEnd == "" {
-				b.firstEnd = fmt.Sprintf("user %d got event: end %s", user, bytes.TrimSpace(line[len("data:"):]))
-			}
-			b.errMu.Unlock()
-		}
-	}
-}
-
-func (b *streamBench) arrived(id, user int64, at time.Time) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	a := b.arrivals[id]
-	if a == nil {
-		a = &arrival{at: at, user: user}
-		b.arrivals[id] = a
-	}
-	a.count++
-	// The owner is known unless the event beat the writer's bookkeeping;
-	// write() checks those when it learns the owner.
-	if owner, ok := b.owner[id]; (ok && owner != user) || a.user != user {
-		a.wrong = true
-	}
-}
-
-func (b *streamBench) closeAll() {
-	b.closing.Store(true)
-	b.connsMu.Lock()
-	defer b.connsMu.Unlock()
-	for _, c := range b.conns {
-		c.Close()
-	}
-	b.conns = nil
-}
-
-// write stores *streamRate records per second for random users 1..n for
 // *streamDuration, on one connection, noting when each INSERT's commit
 // returned, then waits for the events and fills r.
 func (b *streamBench) write(ctx context.Context, dsn string, n int, r *streamResult, pid int) error {
@@ -478,6 +339,9 @@ func (b *streamBench) write(ctx context.Context, dsn string, n int, r *streamRes
 		return fmt.Errorf("writer connect: %w", err)
 	}
 	defer conn.Close(context.Background())
+	if err := durableCommits(ctx, conn); err != nil {
+		return err
+	}
 	const insert = `
 INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
 VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
