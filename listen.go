@@ -161,11 +161,14 @@ func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err e
 		}
 	}
 
+	// Only a trigger that fires for the writer's sessions counts: O
+	// (origin and local) or A (always). D never fires and R fires only for
+	// replication sessions; migrate treats both as not in place, too.
 	qctx, cancel := context.WithTimeout(ctx, h.cfg.queryTimeout)
 	var hasTrigger bool
 	err = conn.QueryRow(qctx, `
 SELECT EXISTS (SELECT 1 FROM pg_trigger
-                WHERE tgrelid = to_regclass('threeds_records') AND tgname = $1 AND tgenabled <> 'D')`,
+                WHERE tgrelid = to_regclass('threeds_records') AND tgname = $1 AND tgenabled IN ('O', 'A'))`,
 		notifyTrigger).Scan(&hasTrigger)
 	cancel()
 	if err != nil {
@@ -175,7 +178,7 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 		return false, &unavailableError{
 			details: "the database has no notify trigger on threeds_records; run `threeds-records migrate`",
 			fix:     "run `threeds-records migrate` against the primary (it installs trigger " + notifyTrigger + ")",
-			err:     errors.New("trigger " + notifyTrigger + " is missing or disabled"),
+			err:     errors.New("trigger " + notifyTrigger + " is missing, disabled or enabled for replicas only"),
 		}
 	}
 

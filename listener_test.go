@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -234,5 +235,44 @@ func TestStreamMetricsCountStreamsEventsEndsAndLag(t *testing.T) {
 	}
 	if v := parseExposition(t, scrapeText(t, plain.URL)).value(t, "threeds_stream_source_up"); v != 0 {
 		t.Errorf("listen_up = %v without a hub", v)
+	}
+}
+
+func TestTheNotifySourceRefusesATriggerThatWouldNeverFire(t *testing.T) {
+	for _, tc := range []struct{ name, sql string }{
+		{"a dropped trigger", "DROP TRIGGER threeds_records_notify_insert ON threeds_records"},
+		{"a disabled trigger", "ALTER TABLE threeds_records DISABLE TRIGGER threeds_records_notify_insert"},
+		// ENABLE REPLICA fires only for replication sessions
+		// (session_replication_role = replica): never for the writer.
+		{"a trigger enabled for replicas only", "ALTER TABLE threeds_records ENABLE REPLICA TRIGGER threeds_records_notify_insert"},
+	} {
+		t.Run(tc.name+" is a 503 saying to run migrate", func(t *testing.T) {
+			dsn := newTestDB(t)
+			pool := newTestPool(t, dsn, nil)
+			if _, err := pool.Exec(context.Background(), tc.sql); err != nil {
+				t.Fatal(err)
+			}
+			hc := testHubConfig(t, dsn)
+			hc.source = sourceNotify
+			h := newHub(hc, discardLogger())
+			h.start()
+			t.Cleanup(h.shutdown)
+			var ref *streamRefusal
+			waitFor(t, 15*time.Second, "the source to give its verdict", func() bool {
+				st, r := h.subscribe(1001)
+				if st != nil {
+					h.unsubscribe(st)
+					ref = nil
+					return true
+				}
+				ref = r
+				h.mu.Lock()
+				defer h.mu.Unlock()
+				return h.state == sourceUnavailable
+			})
+			if ref == nil || ref.status != http.StatusServiceUnavailable || !strings.Contains(ref.details, "run `threeds-records migrate`") {
+				t.Fatalf("refusal %+v, want a 503 saying to run migrate", ref)
+			}
+		})
 	}
 }

@@ -167,7 +167,7 @@ func migrateFor(ctx context.Context, dsn, source string) error {
 func runSteady(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64]string, jwksPath string) (bool, error) {
 	n := *streamsFlag
 	// The trigger's cost is the notify source's; the writer's cost of both
-	// sources side by side is bench/trigger-durable.sh.
+	// sources side by side is bench/writer-cost.sh (make bench-writer).
 	var triggerDef string
 	if *sourceFlag == "notify" {
 		err := admin.QueryRow(ctx, `SELECT pg_get_triggerdef(oid) FROM pg_trigger WHERE tgname = $1 AND tgrelid = 'threeds_records'::regclass`, notifyTrigger).Scan(&triggerDef)
@@ -284,7 +284,7 @@ func runSteady(ctx context.Context, o options, admin *pgx.Conn, tokens map[int64
 	logf("stream: writer throughput with and without the trigger (pgbench, %d x %s each)", *pgbenchRounds, *pgbenchT)
 	pb, err := newPgbench(o)
 	if err == nil && triggerDef == "" {
-		err = fmt.Errorf("STREAM_SOURCE=%s has no trigger to measure; bench/trigger-durable.sh compares the writer's cost of both sources", *sourceFlag)
+		err = fmt.Errorf("STREAM_SOURCE=%s has no trigger to measure; bench/writer-cost.sh (make bench-writer) compares the writer's cost of both sources", *sourceFlag)
 		pb = nil
 	}
 	if err == nil {
