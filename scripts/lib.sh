@@ -134,3 +134,41 @@ pid_in() {
 	pid=$(cat "$1" 2>/dev/null) || return 1
 	[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
+
+# terminate NAME PID [KILL_TARGET]: SIGTERM, which is the fast stop of every
+# program these scripts run (their graceful stops would wait for open event
+# streams, which may be never); SIGKILL of KILL_TARGET (default PID; "-PID" for
+# a process group) if it is still there after 10 s.
+terminate() {
+	local name=$1 pid=$2 target=${3:-$2}
+	kill -TERM "$pid" 2>/dev/null || true
+	for _ in $(seq 1 100); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.1
+	done
+	say "$name ($pid) ignored SIGTERM for 10s; killing it"
+	kill -KILL -- "$target" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+}
+
+# start_stop_main "$@": the command line of a script that defines usage, start
+# and stop: `start DIR ARG` or `stop DIR`. Sets the globals dir and bin.
+start_stop_main() {
+	[ $# -ge 2 ] || usage
+	local cmd=$1
+	dir=$2
+	[ -n "$dir" ] || usage
+	bin=
+	case $cmd in
+	start)
+		[ $# -eq 3 ] || usage
+		start "$3"
+		;;
+	stop)
+		[ $# -eq 2 ] || usage
+		stop
+		;;
+	*)
+		usage
+		;;
+	esac
+}

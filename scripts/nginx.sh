@@ -157,34 +157,10 @@ stop() {
 	[ -d "$dir" ] || return 0
 	dir=$(cd "$dir" && pwd -P)
 	pid=$(running_pid) || return 0
-	# SIGTERM is nginx's fast shutdown. SIGQUIT (graceful) would wait for every
-	# open event stream to end, which may be never.
-	kill -TERM "$pid" 2>/dev/null || true
-	for _ in $(seq 1 100); do
-		kill -0 "$pid" 2>/dev/null || return 0
-		sleep 0.1
-	done
-	say "nginx ($pid) ignored SIGTERM for 10s; killing it"
-	# The master made itself a session leader: its group holds the workers too.
-	kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+	# SIGTERM is nginx's fast shutdown; SIGQUIT (graceful) would wait for every
+	# open event stream. The master made itself a session leader: its group
+	# holds the workers too.
+	terminate nginx "$pid" "-$pid"
 }
 
-[ $# -ge 2 ] || usage
-cmd=$1
-dir=$2
-[ -n "$dir" ] || usage
-bin=
-
-case $cmd in
-start)
-	[ $# -eq 3 ] || usage
-	start "$3"
-	;;
-stop)
-	[ $# -eq 2 ] || usage
-	stop
-	;;
-*)
-	usage
-	;;
-esac
+start_stop_main "$@"

@@ -158,36 +158,12 @@ start() {
 }
 
 stop() {
-	local pid i
+	local pid
 	[ -d "$dir" ] || return 0
 	dir=$(cd "$dir" && pwd -P)
 	pid=$(running_pid) || return 0
 	# SIGTERM is pgbouncer's immediate shutdown: a throwaway pooler has nothing to drain.
-	kill -TERM "$pid" 2>/dev/null || true
-	for i in $(seq 1 100); do
-		kill -0 "$pid" 2>/dev/null || return 0
-		sleep 0.1
-	done
-	say "pgbouncer ($pid) ignored SIGTERM for 10s; killing it"
-	kill -KILL "$pid" 2>/dev/null || true
+	terminate pgbouncer "$pid"
 }
 
-[ $# -ge 2 ] || usage
-cmd=$1
-dir=$2
-[ -n "$dir" ] || usage
-bin=
-
-case $cmd in
-start)
-	[ $# -eq 3 ] || usage
-	start "$3"
-	;;
-stop)
-	[ $# -eq 2 ] || usage
-	stop
-	;;
-*)
-	usage
-	;;
-esac
+start_stop_main "$@"
