@@ -187,16 +187,27 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 	// was committed while no session was listening.
 	h.sourceUpAgain(everUp)
 
+	// serveIncoming reads the records of the notifications heard so far
+	// (those heard during its own reads wait for the next call).
+	serveIncoming := func(ctx context.Context) error {
+		for pending := len(incoming); pending > 0; {
+			batch, consumed := n.streamedIDs(incoming[:pending])
+			incoming = incoming[:copy(incoming, incoming[consumed:])]
+			pending -= consumed
+			if err := n.readBatch(ctx, conn, batch); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	for {
-		if did, err := h.serveSnapshots(ctx, conn); err != nil {
+		if did, err := h.serveSnapshots(ctx, conn, serveIncoming); err != nil {
 			return true, err
 		} else if did {
 			continue
 		}
 		if len(incoming) > 0 {
-			batch, consumed := n.streamedIDs(incoming)
-			incoming = incoming[:copy(incoming, incoming[consumed:])]
-			if err := n.readBatch(ctx, conn, batch); err != nil {
+			if err := serveIncoming(ctx); err != nil {
 				return true, err
 			}
 			continue

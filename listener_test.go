@@ -276,3 +276,83 @@ func TestTheNotifySourceRefusesATriggerThatWouldNeverFire(t *testing.T) {
 		})
 	}
 }
+
+func TestANewRecordForAReadyStreamDoesNotWaitForABurstOfSnapshots(t *testing.T) {
+	// A restarted replica's clients all reconnect at once: 10,000 snapshots
+	// are 20 batches on the source session. A stream that is already ready
+	// must get its new record between them, not after the last.
+	const burst = 10000
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.maxStreams = burst + 10 }})
+	ctx := context.Background()
+	mine, ref := svc.hub.subscribe(1)
+	if ref != nil {
+		t.Fatalf("subscribe: %+v", ref)
+	}
+	t.Cleanup(func() { svc.hub.unsubscribe(mine) })
+	select {
+	case d := <-mine.ch:
+		if !d.ready {
+			t.Fatalf("first delivery %+v, want ready", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no ready within 10 s")
+	}
+
+	// The record is committed while the first snapshot batch waits for the
+	// table: it is heard of before most of the burst has been read.
+	tx, err := svc.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	// A durable commit, as the card issuer's writer makes: the throwaway
+	// cluster's asynchronous ones reach a WAL sender only when the walwriter
+	// flushes them, up to 200 ms later.
+	if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on; LOCK TABLE threeds_records IN ACCESS EXCLUSIVE MODE"); err != nil {
+		t.Fatal(err)
+	}
+	id := insertNow(t, tx, 1)
+	var others []*stream
+	for u := int64(2); u < 2+burst; u++ {
+		st, ref := svc.hub.subscribe(u)
+		if ref != nil {
+			t.Fatalf("subscribe %d: %+v", u, ref)
+		}
+		others = append(others, st)
+		t.Cleanup(func() { svc.hub.unsubscribe(st) })
+	}
+	waitFor(t, 10*time.Second, "the first snapshot read to wait for the lock", func() bool {
+		var waiting bool
+		err := svc.pool.QueryRow(ctx, `
+SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                WHERE datname = current_database() AND wait_event_type = 'Lock'
+                  AND application_name LIKE 'threeds-records-listen%')`).Scan(&waiting)
+		return err == nil && waiting
+	})
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	select {
+	case d := <-mine.ch:
+		// Counted under the registry's lock: every ready before this
+		// delivery was set before it was sent.
+		svc.hub.mu.Lock()
+		ready := 0
+		for _, st := range others {
+			if st.ready {
+				ready++
+			}
+		}
+		svc.hub.mu.Unlock()
+		if len(d.frames) != 1 || d.frames[0].id != id {
+			t.Fatalf("got %d frames, want record %d", len(d.frames), id)
+		}
+		t.Logf("the record arrived when %d of the %d other streams were ready", ready, burst)
+		if ready == burst {
+			t.Errorf("the record waited until all %d snapshots of the burst had been served", burst)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the record did not arrive within 20 s")
+	}
+}

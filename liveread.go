@@ -140,7 +140,12 @@ func (h *hub) readNotified(ctx context.Context, conn *pgx.Conn, ids []int64, not
 // each batch as it is read so the first streams are ready without waiting
 // for the last. Users whose read keeps failing have their streams ended
 // with `unavailable`. did reports whether there was anything to read.
-func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn) (did bool, err error) {
+//
+// between, if not nil, runs after each batch on the same connection. The
+// notify source serves the records it heard of meanwhile there: a burst of
+// 10,000 connects is 20 batches or more, and a ready stream's new passcode
+// must not wait for other streams' snapshots.
+func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn, between func(context.Context) error) (did bool, err error) {
 	users, snap := h.takeSnapshots()
 	if len(users) == 0 && len(snap) == 0 {
 		return false, nil
@@ -164,6 +169,12 @@ func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn) (did bool, err
 			ready = append(ready, byStream[uid]...)
 		}
 		h.deliver(ready, byUser)
+		if between != nil {
+			if err := between(ctx); err != nil {
+				h.requestResync()
+				return true, err
+			}
+		}
 	}
 	// Snapshot streams with no user in the read (none today) must not hang.
 	if len(users) == 0 {

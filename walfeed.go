@@ -36,7 +36,7 @@ func (f *walFeed) commit(c *walCommit) {
 func (f *walFeed) serveReads(ctx context.Context, read *pgx.Conn) error {
 	h := f.h
 	for {
-		did, err := h.serveSnapshots(ctx, read)
+		did, err := h.serveSnapshots(ctx, read, nil)
 		if err != nil {
 			return err
 		}
