@@ -14,10 +14,12 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math"
 	"net/http"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -99,6 +101,15 @@ type Verifier struct {
 	// tokens skips the signature check for a token already verified by the
 	// current key set (tokencache.go); nil disables it.
 	tokens *tokenCache
+
+	// signatureSlots bounds the signature checks that run at once to half
+	// the cores (at least one). A check is pure CPU (RS256 with jwx is
+	// ~0.1 ms), and a burst of thousands of new tokens (a replica's event
+	// streams all reconnecting) otherwise takes every core: thousands of
+	// runnable goroutines, behind which the stream source and the writes
+	// of new passcodes to open streams wait their turn. Parked here, they
+	// leave the other half to the live path (docs/decisions.md).
+	signatureSlots chan struct{}
 }
 
 // NewVerifier starts the background key refresh; Close stops it.
@@ -106,7 +117,8 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 	if cfg.userClaim == "" {
 		cfg.userClaim = "sub"
 	}
-	v := &Verifier{keySet: newKeySet(cfg, logger), tokens: newTokenCache(maxCachedTokens)}
+	v := &Verifier{keySet: newKeySet(cfg, logger), tokens: newTokenCache(maxCachedTokens),
+		signatureSlots: make(chan struct{}, signatureSlotsFor(runtime.GOMAXPROCS(0)))}
 	v.claimRules = []jwt.ValidateOption{
 		jwt.WithIssuer(cfg.issuer),
 		jwt.WithAcceptableSkew(cfg.leeway),
@@ -118,6 +130,10 @@ func NewVerifier(cfg authConfig, logger *slog.Logger) *Verifier {
 	}
 	return v
 }
+
+// signatureSlotsFor is how many signature checks may run at once on procs
+// cores: half of them, at least one.
+func signatureSlotsFor(procs int) int { return max(1, procs/2) }
 
 // joseHeader holds the header fields this service acts on. Keys named by the
 // token itself (jku, x5u, jwk, x5c) are deliberately absent: they are never
@@ -182,7 +198,14 @@ func (v *Verifier) verifyUncached(ctx context.Context, kr *keyring, token string
 	if !algIn(alg, key.algs) {
 		return principal{}, nil, reject(reasonBadSignature, "the token algorithm does not match its key")
 	}
+	select {
+	case v.signatureSlots <- struct{}{}:
+	case <-ctx.Done():
+		// The client left while waiting; nobody reads the answer.
+		return principal{}, nil, fmt.Errorf("wait for a signature check: %w", ctx.Err())
+	}
 	payload, err := jws.Verify([]byte(token), jws.WithKey(alg, key.raw), jws.WithCompact())
+	<-v.signatureSlots
 	if err != nil {
 		return principal{}, nil, reject(reasonBadSignature, "the token signature is not valid")
 	}
@@ -469,6 +492,11 @@ func (v *Verifier) authenticate(r *http.Request) (principal, error) {
 func (v *Verifier) refuse(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *authError
 	if !errors.As(err, &ae) {
+		if errors.Is(r.Context().Err(), context.Canceled) {
+			// The client left while its token waited for a signature
+			// check: nobody reads an answer; ServeHTTP logs a 499.
+			return
+		}
 		writeError(w, r, http.StatusServiceUnavailable, "unavailable",
 			"the service is starting and cannot verify tokens yet; retry shortly")
 		return

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -902,4 +903,58 @@ func TestAPlainHTTPJWKSURLIsWarnedAboutOnceAtStart(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestSignatureChecksTakeAtMostHalfTheCores(t *testing.T) {
+	for _, tc := range []struct{ procs, want int }{{1, 1}, {2, 1}, {3, 1}, {4, 2}, {16, 8}} {
+		if got := signatureSlotsFor(tc.procs); got != tc.want {
+			t.Errorf("%d cores: %d slots, want %d", tc.procs, got, tc.want)
+		}
+	}
+
+	key := newTestKey(t, jwa.RS256, "slots", 0)
+	jwks := newJWKSServer(t, publicKeys(t, key)...)
+	v := newTestVerifier(t, testAuthConfig(jwks.URL))
+	cached := key.token(t, validClaims(7))
+	if _, err := v.Verify(context.Background(), cached); err != nil {
+		t.Fatal(err)
+	}
+	// Every slot taken, as by a burst of new tokens being checked.
+	for range cap(v.signatureSlots) {
+		v.signatureSlots <- struct{}{}
+	}
+	t.Cleanup(func() {
+		for range cap(v.signatureSlots) {
+			<-v.signatureSlots
+		}
+	})
+
+	t.Run("a new token waits for a slot and gives up with its request", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		_, err := v.Verify(ctx, key.token(t, validClaims(8)))
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("got %v, want the request's deadline: the check did not wait for a slot", err)
+		}
+		var ae *authError
+		if errors.As(err, &ae) {
+			t.Errorf("a client that left is counted as a refused token: %v", err)
+		}
+	})
+	t.Run("a token already verified needs no slot", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if uid, err := v.Verify(ctx, cached); err != nil || uid != 7 {
+			t.Fatalf("got %d, %v", uid, err)
+		}
+	})
+	t.Run("a token refused before its signature is checked needs no slot", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := v.Verify(ctx, "not.a.token")
+		var ae *authError
+		if !errors.As(err, &ae) {
+			t.Fatalf("got %v, want a refusal", err)
+		}
+	})
 }
