@@ -102,11 +102,15 @@ type hub struct {
 	cancel   context.CancelFunc
 	done     chan struct{}
 
-	events        [numEventTypes]atomic.Int64
-	ends          [numEndReasons]atomic.Int64
-	lag           histogram
-	reconnects    atomic.Int64
-	reads         atomic.Int64
+	events     [numEventTypes]atomic.Int64
+	ends       [numEndReasons]atomic.Int64
+	lag        histogram
+	reconnects atomic.Int64
+	reads      atomic.Int64
+	caughtUp   atomic.Int64 // records the catch-up reads after reconnects found for open streams
+	// heard is the largest record id the source has heard of (notified, or
+	// decoded for a streamed user): where a catch-up read starts.
+	heard         atomic.Int64
 	notifications atomic.Int64
 	badPayloads   atomic.Int64
 }
@@ -127,6 +131,15 @@ func newHub(cfg hubConfig, logger *slog.Logger) *hub {
 	}
 	h.src = newSource(h)
 	return h
+}
+
+// heardOf notes a record id the source has heard of.
+func (h *hub) heardOf(id int64) {
+	for cur := h.heard.Load(); id > cur; cur = h.heard.Load() {
+		if h.heard.CompareAndSwap(cur, id) {
+			return
+		}
+	}
 }
 
 // start runs the source until stop.

@@ -84,6 +84,7 @@ func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err e
 		case notifyChannel:
 			h.notifications.Add(1)
 			if uid, id, ok := parsePayload(note.Payload); ok {
+				h.heardOf(id)
 				incoming = append(incoming, notification{userID: uid, id: id, at: time.Now()})
 			} else {
 				h.badPayloads.Add(1)

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -594,4 +596,70 @@ func frameAge(t testing.TB, f *frame) int {
 		return math.MaxInt // beyond year 9999: the newest
 	}
 	return int(at.Unix())
+}
+
+func TestAfterAReconnectTheGapIsCaughtUpInOneReadBeforeTheResync(t *testing.T) {
+	if !strings.Contains(liveSinceSQL, "LIMIT "+strconv.Itoa(catchUpRows)+")") {
+		t.Fatalf("liveSinceSQL's LIMIT is not catchUpRows (%d)", catchUpRows)
+	}
+	// The first reconnect waits at least retryMin: records committed once
+	// the hub has seen its session go fall in the gap.
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.retryMin = time.Second }})
+	users := make([]int64, 600) // two resync batches
+	for i := range users {
+		users[i] = int64(5000 + i)
+	}
+	c, streams := subscribeAll(t, svc.hub, users)
+	waitFor(t, 10*time.Second, "every stream to be ready", func() bool {
+		return c.count(func(st *stream) bool { return c.ready[st] }, streams) == len(streams)
+	})
+	byUser := make(map[int64]*stream)
+	for _, st := range streams {
+		byUser[st.userID] = st
+	}
+	received := func(user, id int64) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return slices.Contains(c.ids[byUser[user]], id)
+	}
+	heard := insertNow(t, svc.pool, users[0])
+	waitFor(t, 10*time.Second, "the record before the kill", func() bool { return received(users[0], heard) })
+
+	killListenBackend(t, svc.dsn)
+	waitFor(t, 15*time.Second, "the hub to see its session go", func() bool { return !svc.hub.listening() })
+	gap := make(map[int64]int64) // user -> record committed in the gap
+	for _, u := range []int64{users[1], users[250], users[599]} {
+		gap[u] = insertNow(t, svc.pool, u)
+	}
+	expired := row(900000001, users[2], ago(time.Hour))
+	insertRows(t, svc.pool, expired)
+	if svc.hub.listening() {
+		t.Fatal("the hub listens again already: the records above may not have fallen in the gap")
+	}
+
+	waitFor(t, 15*time.Second, "the gap's records", func() bool {
+		for u, id := range gap {
+			if !received(u, id) {
+				return false
+			}
+		}
+		return true
+	})
+	if n := svc.hub.caughtUp.Load(); n != int64(len(gap)) {
+		t.Errorf("the catch-up read found %d records for open streams, want the %d committed in the gap", n, len(gap))
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, st := range streams {
+		seen := make(map[int64]bool)
+		for _, id := range c.ids[st] {
+			if seen[id] {
+				t.Errorf("user %d got record %d twice", st.userID, id)
+			}
+			if id == expired.id {
+				t.Errorf("user %d got the expired record", st.userID)
+			}
+			seen[id] = true
+		}
+	}
 }

@@ -118,6 +118,9 @@ func nextWait(backoff time.Duration, stayedUp bool, err error, cfg hubConfig) (n
 // committed from now on reaches it, so re-reading every open stream's live
 // records covers whatever was committed while nothing was subscribed.
 func (h *hub) sourceUpAgain(everUp bool) {
+	if id := h.heard.Load(); everUp && id > 0 {
+		h.requestCatchUp(id)
+	}
 	h.requestResync()
 	if everUp {
 		h.reconnects.Add(1)

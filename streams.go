@@ -99,6 +99,7 @@ type registry struct {
 	open    int
 	pending []*stream // subscribed, waiting for their snapshot
 	resync  bool      // next snapshot read covers every user with an open stream
+	catchUp int64     // > 0: first read the newest records with a larger id (after a gap)
 	wake    context.CancelFunc
 	state   sourceState
 	why     string // details for a 503 while not up
@@ -242,6 +243,23 @@ func (r *registry) requestResync() {
 	r.mu.Lock()
 	r.resync = true
 	r.mu.Unlock()
+}
+
+// requestCatchUp asks for the records committed after id to be read before
+// the resync: the ones a gap hid, found in one read of the newest rows.
+func (r *registry) requestCatchUp(id int64) {
+	r.mu.Lock()
+	r.catchUp = id
+	r.mu.Unlock()
+}
+
+// takeCatchUp returns (and clears) the pending catch-up's starting id.
+func (r *registry) takeCatchUp() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	id := r.catchUp
+	r.catchUp = 0
+	return id
 }
 
 // takeSnapshots says which users' live records the next read must cover and

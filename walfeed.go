@@ -28,6 +28,11 @@ func (f *walFeed) commit(c *walCommit) {
 		}
 		return
 	}
+	for _, frames := range c.byUser {
+		for _, fr := range frames {
+			f.h.heardOf(fr.id)
+		}
+	}
 	f.h.deliver(nil, c.byUser)
 }
 
