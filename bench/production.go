@@ -12,12 +12,19 @@ package main
 //     commits one record for every streamed user: how long until every
 //     stream receives records again, then a second sweep on the healed
 //     session;
+//   - the source session is killed again, with only the writer's traffic:
+//     a failover as production meets it;
 //   - every record judged: it reached its user's stream exactly once,
 //     whether a snapshot or the live feed carried it, and commit → event
 //     latency for the records committed after their stream was ready, by
-//     the phase they were committed in.
+//     the phase they were committed in. The sweeps' phase is reported but
+//     not held to the 100 ms: there the bench itself commits 10,000
+//     records in one transaction twice, and the writer's records queue
+//     behind their delivery (no card issuer stores 10,000 passcodes in one
+//     transaction).
 
 import (
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -40,6 +47,7 @@ var (
 	bigUserRows    = flag.Int("big-user-rows", 1_000_000, "production cases: expired rows of the one big user")
 	bigOpens       = flag.Int("big-opens", 5, "production cases: streams the big user opens, one after another")
 	prodWindow     = flag.Duration("prod-window", 10*time.Second, "production cases: the writer's time between the cases and after the kill")
+	prodNice       = flag.Bool("prod-nice", true, "production cases: run the bench tool (the 10,000 clients, the writer, the readers) at nice 19 once the service is up, so the load generator does not take the CPU the service and PostgreSQL need; in production the phones are other machines")
 	resyncWait     = flag.Duration("resync-wait", 30*time.Second, "production cases: the longest wait for a sweep's records to reach every stream")
 	listenApp      = flag.String("listen-app", "threeds-records-listen", "production cases: application_name of the service's source session, the one pg_terminate_backend ends")
 	migrateBin     = flag.String("migrate-bin", "bin/threeds-records", "the release binary: the stream scenario runs `migrate` with STREAM_SOURCE=-source first")
@@ -91,11 +99,21 @@ const (
 type latPhase struct {
 	name     string
 	from, to time.Time
-	lat      []time.Duration // neverArrived for a record that did not
-	missing  int
+	// informative: reported, not held to the p99 target (the sweeps).
+	informative bool
+	lat         []time.Duration // neverArrived for a record that did not
+	missing     int
 	// How late the bench's own sleeping goroutine woke in this phase: the
 	// client shares the two cores, and a late client reads events late.
 	clientLag []time.Duration
+	slowest   []lateRecord // the latest few, to trace a miss
+}
+
+// lateRecord is one late record: enough to find it in a packet capture or
+// the service's log.
+type lateRecord struct {
+	id, user             int64
+	commit, ready, event time.Time
 }
 
 // neverArrived stands for a lost record in a phase's latencies, so a p99
@@ -109,18 +127,32 @@ func latStr(d time.Duration) string {
 	return msStr(d) + " ms"
 }
 
-func (ph *latPhase) add(commit time.Time, lat time.Duration) {
+func (ph *latPhase) add(commit time.Time, lat time.Duration) bool {
 	if !commit.Before(ph.from) && commit.Before(ph.to) {
 		ph.lat = append(ph.lat, lat)
 		if lat == neverArrived {
 			ph.missing++
 		}
+		return true
+	}
+	return false
+}
+
+// noteSlow keeps the slowestKept latest records of the phase.
+func (ph *latPhase) noteSlow(r lateRecord) {
+	const slowestKept = 3
+	lat := func(r lateRecord) time.Duration { return r.event.Sub(r.commit) }
+	ph.slowest = append(ph.slowest, r)
+	slices.SortFunc(ph.slowest, func(a, b lateRecord) int { return cmp.Compare(lat(b), lat(a)) })
+	if len(ph.slowest) > slowestKept {
+		ph.slowest = ph.slowest[:slowestKept]
 	}
 }
 
 type prodResult struct {
 	plan       historyPlan
 	streamsMax int
+	niced      bool // the bench ran at nice 19 (-prod-nice)
 	burst      openResult
 	refilled   int           // streams opened by retrying after the burst
 	open       int           // streams open when the source was killed
@@ -129,6 +161,7 @@ type prodResult struct {
 	bigErr     string
 
 	killed       int
+	killed2      int           // the second kill's sessions
 	sweep1Commit time.Duration // the sweep's INSERT of one row per stream
 	resynced     int           // streams that got their sweep-1 record
 	resyncTime   time.Duration // kill → the last of them; -1 if some never did
@@ -195,6 +228,17 @@ func runProduction(ctx context.Context, o options, admin *pgx.Conn, tokens map[i
 	}
 	defer svc.stop()
 	logf("stream: production cases: service pid %d on %s, STREAM_SOURCE=%s", svc.pid(), svc.addr, *sourceFlag)
+	// The service (started above) and PostgreSQL keep their priority. The
+	// bench's readers and writer are lowered too: the writer's commit time
+	// is the database's clock (write), so a late writer cannot shorten a
+	// latency, and a late reader only lengthens one.
+	r.niced = *prodNice
+	if *prodNice {
+		if err := lowerOwnPriority(); err != nil {
+			logf("stream: could not lower the bench's priority (%v); its clients compete with the service for CPU", err)
+			r.niced = false
+		}
+	}
 
 	p := &prodRun{b: newStreamBench(svc.addr, tokens), commits: map[int64]time.Time{}, kind: map[int64]int{}, open: map[int64]bool{}}
 	p.b.trackSnapshot = true
@@ -237,12 +281,22 @@ func runProduction(ctx context.Context, o options, admin *pgx.Conn, tokens map[i
 
 	// The kill's phase lasts until both sweeps are in, and at least a window.
 	killAt := time.Now()
-	phase("source killed, resync, sweeps")
+	phase("source killed, resync, sweeps").informative = true
 	if err := p.killAndSweep(ctx, admin, r, killAt); err != nil {
 		return false, err
 	}
 	sleepCtx(ctx, time.Until(killAt.Add(*prodWindow)))
 	phase("after the resync")
+	// The service restarts its backoff at 0.1 s only after a session that
+	// stayed up 30 s (contract 6); a second kill sooner meets the doubled
+	// 0.2 s, as a database that keeps failing should.
+	sleepCtx(ctx, max(*prodWindow, time.Until(killAt.Add(32*time.Second))))
+	// A failover as production meets it: the session goes, the writer's
+	// records go on.
+	phase("source killed again, the writer only")
+	if r.killed2, err = p.kill(ctx, admin); err != nil {
+		return false, err
+	}
 	sleepCtx(ctx, *prodWindow)
 	stopWriter()
 	werr := <-writerDone
@@ -345,7 +399,7 @@ func (p *prodRun) write(ctx context.Context, dsn string) error {
 	}
 	const insert = `
 INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
-VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
+VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id, clock_timestamp()`
 	rng := rand.New(rand.NewPCG(14, 14))
 	interval := time.Second / time.Duration(*streamRate)
 	next := time.Now()
@@ -354,8 +408,12 @@ VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
 		next = next.Add(interval)
 		user := p.users[rng.IntN(len(p.users))]
 		var id int64
+		// The latency starts at the INSERT's own clock (the database's, on
+		// this host), just before its commit: a writer goroutine that runs
+		// late after COMMIT returns cannot make a delivery look faster.
+		var at time.Time
 		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := conn.QueryRow(qctx, insert, user, fmt.Sprintf("%06d", rng.IntN(1000000))).Scan(&id)
+		err := conn.QueryRow(qctx, insert, user, fmt.Sprintf("%06d", rng.IntN(1000000))).Scan(&id, &at)
 		cancel()
 		if ctx.Err() != nil {
 			return nil // stopped: an INSERT cut short may or may not have committed
@@ -363,7 +421,7 @@ VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
 		if err != nil {
 			return fmt.Errorf("insert: %w", err)
 		}
-		p.committed([]int64{id}, []int64{user}, time.Now(), byWriter)
+		p.committed([]int64{id}, []int64{user}, at, byWriter)
 	}
 	return nil
 }
@@ -400,13 +458,23 @@ SELECT u, lpad((u % 1000000)::text, 6, '0'), 1.00, 'USD', 'Bench sweep', 300, no
 // killAndSweep ends the source session, commits a record for every open
 // stream at once (they fall in the gap or the resync), waits for all of
 // them, then does it again on the healed session.
-func (p *prodRun) killAndSweep(ctx context.Context, admin *pgx.Conn, r *prodResult, killAt time.Time) error {
+// kill terminates the service's source session(s) and says how many.
+func (p *prodRun) kill(ctx context.Context, admin *pgx.Conn) (int, error) {
+	var killed int
 	err := admin.QueryRow(ctx, `SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
- WHERE application_name = $1 AND pid <> pg_backend_pid()`, *listenApp).Scan(&r.killed)
+ WHERE application_name = $1 AND pid <> pg_backend_pid()`, *listenApp).Scan(&killed)
 	if err != nil {
-		return fmt.Errorf("pg_terminate_backend: %w", err)
+		return 0, fmt.Errorf("pg_terminate_backend: %w", err)
 	}
-	logf("stream: terminated %d source session(s) (application_name %s)", r.killed, *listenApp)
+	logf("stream: terminated %d source session(s) (application_name %s)", killed, *listenApp)
+	return killed, nil
+}
+
+func (p *prodRun) killAndSweep(ctx context.Context, admin *pgx.Conn, r *prodResult, killAt time.Time) error {
+	var err error
+	if r.killed, err = p.kill(ctx, admin); err != nil {
+		return err
+	}
 	open := make([]int64, 0, len(p.open))
 	for _, u := range p.users {
 		if p.open[u] {
@@ -533,7 +601,9 @@ func (p *prodRun) judge(r *prodResult) {
 			continue
 		}
 		for _, ph := range r.phases {
-			ph.add(c, max(0, a.at.Sub(c)))
+			if ph.add(c, max(0, a.at.Sub(c))) {
+				ph.noteSlow(lateRecord{id: id, user: owner, commit: c, ready: p.b.readyAt[owner], event: a.at})
+			}
 		}
 	}
 	for _, ph := range r.phases {
@@ -570,8 +640,12 @@ func openBig(ctx context.Context, addr string, tokens map[int64]string, user int
 
 func printProdReport(w io.Writer, r *prodResult) {
 	n := r.plan.users
-	fmt.Fprintf(w, "\nstream production cases (issue 14), STREAM_SOURCE=%s: %d rows of expired history (%d users × %d, user %d × %d); writer %d records/s to random streamed users throughout\n",
-		*sourceFlag, r.plan.rows(), r.plan.users, r.plan.perUser, r.plan.bigID, r.plan.bigRows, *streamRate)
+	nice := "at nice 0 (-prod-nice=false): its clients compete with the service for CPU"
+	if r.niced {
+		nice = "at nice 19 (the service and PostgreSQL at 0)"
+	}
+	fmt.Fprintf(w, "\nstream production cases (issue 14), STREAM_SOURCE=%s: %d rows of expired history (%d users × %d, user %d × %d); writer %d records/s to random streamed users throughout; the bench tool %s\n",
+		*sourceFlag, r.plan.rows(), r.plan.users, r.plan.perUser, r.plan.bigID, r.plan.bigRows, *streamRate, nice)
 	fmt.Fprintf(w, "  burst:            %d connects at once (STREAMS_MAX=%d): %d ready, %d refused (%d of them 503 + Retry-After); the last answered after %s%s\n",
 		n, r.streamsMax, len(r.burst.opened), r.burst.refused, r.burst.busy, r.burst.lastAnswered.Round(time.Millisecond), quoted(r.burst.first+r.burst.firstBusy))
 	if r.refilled > 0 || len(r.burst.opened) < n {
@@ -587,9 +661,17 @@ func printProdReport(w io.Writer, r *prodResult) {
 	fmt.Fprintf(w, "  healed session:   a second sweep (its INSERT took %s): %d of %d arrived; from the INSERT sent: p50 %s ms, p99 %s ms, max %s ms\n",
 		r.sweep2Commit.Round(time.Millisecond), r.sweep2Got, r.open, msStr(pct(r.sweep2Lat, 0.5)), msStr(pct(r.sweep2Lat, 0.99)), msStr(pct(r.sweep2Lat, 1)))
 	for _, ph := range r.phases {
+		name := ph.name
+		if ph.informative {
+			name += " (not held to the target)"
+		}
 		fmt.Fprintf(w, "  commit → event:   %-38s %5d records (%d never arrived): p50 %s, p99 %s, max %s; the bench's own wake-up lag p99 %s ms, max %s ms\n",
-			ph.name, len(ph.lat), ph.missing, latStr(pct(ph.lat, 0.5)), latStr(pct(ph.lat, 0.99)), latStr(pct(ph.lat, 1)),
+			name, len(ph.lat), ph.missing, latStr(pct(ph.lat, 0.5)), latStr(pct(ph.lat, 0.99)), latStr(pct(ph.lat, 1)),
 			msStr(pct(ph.clientLag, 0.99)), msStr(pct(ph.clientLag, 1)))
+		for _, sr := range ph.slowest {
+			fmt.Fprintf(w, "                    slow: record %d of user %d committed %s into the phase (unix %.6f), %s after its stream was ready; arrived %s ms later\n",
+				sr.id, sr.user, sr.commit.Sub(ph.from).Round(time.Millisecond), float64(sr.commit.UnixMicro())/1e6, sr.commit.Sub(sr.ready).Round(time.Millisecond), msStr(sr.event.Sub(sr.commit)))
+		}
 	}
 	fmt.Fprintf(w, "  delivery:         %d records (%d for users without a stream, not judged): %d missing, %d duplicates, %d to the wrong user; %d streams dropped, %d ended by the service%s\n",
 		r.committed, r.excluded, r.missing, r.duplicates, r.wrongUser, r.dropped, r.ends, quoted(r.firstProblem))
@@ -609,9 +691,13 @@ func printProdReport(w io.Writer, r *prodResult) {
 	check(r.missing == 0 && r.duplicates == 0 && r.wrongUser == 0,
 		fmt.Sprintf("none lost: every record reached its user's stream exactly once (%d missing, %d duplicates, %d wrong user)", r.missing, r.duplicates, r.wrongUser))
 	for _, ph := range r.phases {
+		if ph.informative {
+			continue
+		}
 		check(len(ph.lat) > 0 && pct(ph.lat, 0.99) <= targetP99,
 			fmt.Sprintf("commit → event p99 ≤ %s, %s (%s over %d records)", targetP99, ph.name, latStr(pct(ph.lat, 0.99)), len(ph.lat)))
 	}
+	check(r.killed2 > 0, fmt.Sprintf("the second kill found the source session (%d terminated)", r.killed2))
 }
 
 // envInt reads NAME's value from a NAME=VALUE list; the last one wins, as

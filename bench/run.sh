@@ -14,7 +14,9 @@
 # Set BENCH_CPUPROFILE=FILE to run the service as its test binary
 # (TestServeForProfile in bench_test.go) and get its CPU profile under the
 # bench's load in FILE (go tool pprof FILE); the release binary has no
-# profiling endpoint.
+# profiling endpoint. BENCH_TRACE=FILE does the same for an execution
+# trace: `go tool trace -pprof=sched FILE` then says where goroutines waited
+# to run.
 # Set BENCH_COMPARE=REV (a commit, branch or tag) to build that revision too
 # and measure it in the same rounds as the working tree: before/after in one
 # run, e.g. BENCH_COMPARE=HEAD with an uncommitted change.
@@ -61,13 +63,22 @@ make -s build
 go build -o "$tmp/bench" ./bench
 service=$root/bin/threeds-records
 extra=()
-if [ -n "${BENCH_CPUPROFILE:-}" ]; then
-	case $BENCH_CPUPROFILE in /*) ;; *) BENCH_CPUPROFILE=$root/$BENCH_CPUPROFILE ;; esac
-	say "building the service's test binary for a CPU profile into $BENCH_CPUPROFILE"
+if [ -n "${BENCH_CPUPROFILE:-}${BENCH_TRACE:-}" ]; then
+	args="-test.run=^TestServeForProfile\$"
+	if [ -n "${BENCH_CPUPROFILE:-}" ]; then
+		case $BENCH_CPUPROFILE in /*) ;; *) BENCH_CPUPROFILE=$root/$BENCH_CPUPROFILE ;; esac
+		say "the service's CPU profile goes to $BENCH_CPUPROFILE"
+		args+=" -test.cpuprofile=$BENCH_CPUPROFILE"
+	fi
+	if [ -n "${BENCH_TRACE:-}" ]; then
+		case $BENCH_TRACE in /*) ;; *) BENCH_TRACE=$root/$BENCH_TRACE ;; esac
+		say "the service's execution trace goes to $BENCH_TRACE (go tool trace -pprof=sched $BENCH_TRACE > sched.pprof)"
+		args+=" -test.trace=$BENCH_TRACE"
+	fi
+	say "building the service's test binary to profile it"
 	go test -c -o "$tmp/threeds-records.test" .
 	service=$tmp/threeds-records.test
-	extra+=(-env THREEDS_SERVE_FOR_PROFILE=1
-		-service-args "-test.run=^TestServeForProfile\$ -test.cpuprofile=$BENCH_CPUPROFILE")
+	extra+=(-env THREEDS_SERVE_FOR_PROFILE=1 -service-args "$args")
 fi
 
 if [ -n "${BENCH_COMPARE:-}" ]; then
