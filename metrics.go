@@ -285,7 +285,7 @@ func writeStreamMetrics(b *strings.Builder, h *hub) {
 	fmt.Fprintf(b, "# HELP threeds_stream_source_up 1 while the stream source session is up and proven to receive new records.\n# TYPE threeds_stream_source_up gauge\nthreeds_stream_source_up{source=\"%s\"} %d\n", src, up)
 	fmt.Fprintf(b, "# HELP threeds_stream_source_reconnects_total Stream source sessions re-established after one was lost.\n# TYPE threeds_stream_source_reconnects_total counter\nthreeds_stream_source_reconnects_total{source=\"%s\"} %d\n", src, h.reconnects.Load())
 	fmt.Fprintf(b, "# HELP threeds_stream_source_reads_total Record reads for the streams (snapshots, new-record batches, resyncs); idle streams add none.\n# TYPE threeds_stream_source_reads_total counter\nthreeds_stream_source_reads_total{source=\"%s\"} %d\n", src, h.reads.Load())
-	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total Notifications received on the LISTEN session (STREAM_SOURCE=notify).\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
+	fmt.Fprintf(b, "# HELP threeds_listen_notifications_total New records the source heard of: notifications on the LISTEN session (STREAM_SOURCE=notify) or inserts into threeds_records decoded from the WAL (wal).\n# TYPE threeds_listen_notifications_total counter\nthreeds_listen_notifications_total %d\n", h.notifications.Load())
 	fmt.Fprintf(b, "# HELP threeds_listen_bad_payloads_total Notifications whose payload was not <user_id>:<id> (ignored).\n# TYPE threeds_listen_bad_payloads_total counter\nthreeds_listen_bad_payloads_total %d\n", h.badPayloads.Load())
 }
 
