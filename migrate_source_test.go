@@ -312,57 +312,9 @@ func TestMigrateChangesTheTriggerBehindAnOpenWriterTransactionHoldingInsertsUpOn
 					t.Fatalf("set the trigger up: %v", err)
 				}
 			}
-			openTx := openWriterTransaction(t, ctx, dsn)
-			defer openTx.Rollback(ctx)
-			writer := startInserter(t, dsn)
-			watch := watchInsertLockWaits(t, dsn)
-			runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
-			defer cancel()
-			type result struct {
-				logs []map[string]any
-				err  error
-			}
-			done := make(chan result, 1)
-			from := time.Now()
-			go func() {
-				logs, err := migrateSourceLog(t, runCtx, dsn, tc.source)
-				done <- result{logs, err}
-			}()
-			// A couple of attempts give up meanwhile; the step's retries
-			// last longer than this.
-			time.Sleep(2500 * time.Millisecond)
-			if err := openTx.Rollback(ctx); err != nil {
-				t.Fatalf("end the writer's transaction: %v", err)
-			}
-			res := <-done
-			to := time.Now()
-			samples := writer.finish(t)
-			lockWait, blockers := watch.finish(t)
-			if res.err != nil {
-				t.Fatalf("migrate: %v", res.err)
-			}
-			busy := 0
-			for _, l := range res.logs {
-				if l["msg"] == "schema object lock busy; retrying" && l["object"] == "trigger threeds_records_notify_insert" {
-					busy++
-				}
-			}
-			if busy == 0 {
-				t.Errorf("no lock-busy line for the trigger in:\n%v", res.logs)
-			}
-			if got := actionsOf(res.logs)["trigger threeds_records_notify_insert"]; got != tc.action {
-				t.Errorf("log for the trigger: %q, want %q", got, tc.action)
-			}
-			slowest, overlapped := slowestInsert(samples, from, to)
-			t.Logf("migrate took %v with %d lock-busy retries; %d inserts ran during it, the slowest took %v, the longest lock wait seen %v",
-				to.Sub(from).Round(time.Millisecond), busy, overlapped, slowest.Round(time.Millisecond), lockWait.Round(time.Millisecond))
-			// While the DDL waits for its lock, inserts queue behind it: for at
-			// most lock_timeout per attempt; between attempts they flow.
-			bound := migrateLockTimeout + insertStallBound
-			if lockWait > bound || slowest > bound {
-				t.Errorf("an insert took %v (lock wait %v, behind %q), want at most lock_timeout plus %v = %v",
-					slowest, lockWait, blockers, insertStallBound, bound)
-			}
+			migrateBesideAnOpenWriterTransaction(t, dsn, func(t testing.TB, ctx context.Context, dsn string) ([]map[string]any, error) {
+				return migrateSourceLog(t, ctx, dsn, tc.source)
+			}, tc.action)
 		})
 	}
 }

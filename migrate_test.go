@@ -729,9 +729,20 @@ func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldin
 	if _, err := connectTest(t, dsn).Exec(ctx, pageIndexSQL); err != nil {
 		t.Fatalf("create the previous version's index: %v", err)
 	}
+	migrateBesideAnOpenWriterTransaction(t, dsn, migrateLog, "created")
+}
+
+// migrateBesideAnOpenWriterTransaction runs migrate (migrateLog, or
+// migrateSourceLog for a source) while a writer inserts and another writer
+// transaction stays open for 2.5 s, so the trigger's DDL cannot get its lock
+// at first. It wants lock-busy retries for the trigger, the trigger logged
+// as wantTrigger, and no insert held up longer than lock_timeout plus
+// insertStallBound.
+func migrateBesideAnOpenWriterTransaction(t *testing.T, dsn string, migrate func(testing.TB, context.Context, string) ([]map[string]any, error), wantTrigger string) {
+	t.Helper()
+	ctx := context.Background()
 	openTx := openWriterTransaction(t, ctx, dsn)
 	defer openTx.Rollback(ctx)
-
 	writer := startInserter(t, dsn)
 	watch := watchInsertLockWaits(t, dsn)
 	runCtx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -743,7 +754,7 @@ func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldin
 	done := make(chan result, 1)
 	from := time.Now()
 	go func() {
-		logs, err := migrateLog(t, runCtx, dsn)
+		logs, err := migrate(t, runCtx, dsn)
 		done <- result{logs, err}
 	}()
 	// Long enough for a couple of attempts to give up, short enough to end
@@ -769,11 +780,11 @@ func TestMigrateRetriesAMissingTriggerBehindAnOpenWriterTransactionWithoutHoldin
 	if busy == 0 {
 		t.Errorf("no lock-busy line for the trigger in:\n%v", res.logs)
 	}
-	if got := actionsOf(res.logs)["trigger threeds_records_notify_insert"]; got != "created" {
-		t.Errorf("log for the trigger: %q, want created", got)
+	if got := actionsOf(res.logs)["trigger threeds_records_notify_insert"]; got != wantTrigger {
+		t.Errorf("log for the trigger: %q, want %q", got, wantTrigger)
 	}
-	// While CREATE TRIGGER waits for its lock, inserts queue behind it: for
-	// at most lock_timeout per attempt, and between attempts they flow.
+	// While the DDL waits for its lock, inserts queue behind it: for at
+	// most lock_timeout per attempt, and between attempts they flow.
 	slowest, overlapped := slowestInsert(samples, from, to)
 	t.Logf("migrate took %v with %d lock-busy retries; %d inserts ran during it, the slowest took %v, the longest lock wait seen %v",
 		to.Sub(from).Round(time.Millisecond), busy, overlapped, slowest.Round(time.Millisecond), lockWait.Round(time.Millisecond))
