@@ -107,7 +107,7 @@ type hub struct {
 	lag        histogram
 	reconnects atomic.Int64
 	reads      atomic.Int64
-	caughtUp   atomic.Int64 // records the catch-up reads after reconnects found for open streams
+	caughtUp   atomic.Int64 // live records the catch-up reads after reconnects found
 	// heard is the largest record id the source has heard of (notified, or
 	// decoded for a streamed user): where a catch-up read starts.
 	heard         atomic.Int64

@@ -95,9 +95,9 @@ SELECT user_id, id, passcode, amount::text, currency, COALESCE(merchant_name, ''
    AND isfinite(received_at)
  ORDER BY received_at, id`
 
-// liveSinceSQL is the catch-up read: the live records among the newest
-// catchUpRows (the literal in it) rows with an id above $1 (a backward range of the primary key,
-// whatever the history), oldest first. A record whose transaction took its
+// liveSinceSQL is the catch-up read: the live records among the newest $2
+// (catchUpRows) rows with an id above $1 (a backward range of the primary
+// key, whatever the history), oldest first. A record whose transaction took its
 // id before the gap and committed after it has a smaller id: the resync
 // finds it.
 const liveSinceSQL = `
@@ -106,7 +106,7 @@ SELECT user_id, id, passcode, amount::text, currency, COALESCE(merchant_name, ''
           FROM threeds_records
          WHERE id > $1
          ORDER BY id DESC
-         LIMIT 10000) t
+         LIMIT $2) t
  WHERE received_at > now() - expires_after * interval '1 second'
    AND isfinite(received_at)
  ORDER BY received_at, id`
@@ -218,7 +218,7 @@ func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn, between func(c
 // err means the session is lost.
 func (h *hub) catchUp(ctx context.Context, conn *pgx.Conn, id int64) error {
 	r := &liveReader{h: h, conn: conn}
-	byUser, err := r.query(ctx, liveSinceSQL, id)
+	byUser, err := r.query(ctx, liveSinceSQL, id, catchUpRows)
 	if err != nil {
 		if conn.IsClosed() || ctx.Err() != nil {
 			return fmt.Errorf("%w: %w", errSessionLost, err)
@@ -226,13 +226,9 @@ func (h *hub) catchUp(ctx context.Context, conn *pgx.Conn, id int64) error {
 		h.logger.Warn("live updates: the catch-up read after the reconnect failed; the resync covers it", "error", err.Error())
 		return nil
 	}
-	n := 0
-	for uid, frames := range byUser {
-		if h.streamed(uid) {
-			n += len(frames)
-		}
+	for _, frames := range byUser {
+		h.caughtUp.Add(int64(len(frames)))
 	}
-	h.caughtUp.Add(int64(n))
 	h.deliver(nil, byUser)
 	return nil
 }

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -599,9 +597,6 @@ func frameAge(t testing.TB, f *frame) int {
 }
 
 func TestAfterAReconnectTheGapIsCaughtUpInOneReadBeforeTheResync(t *testing.T) {
-	if !strings.Contains(liveSinceSQL, "LIMIT "+strconv.Itoa(catchUpRows)+")") {
-		t.Fatalf("liveSinceSQL's LIMIT is not catchUpRows (%d)", catchUpRows)
-	}
 	// The first reconnect waits at least retryMin: records committed once
 	// the hub has seen its session go fall in the gap.
 	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.retryMin = time.Second }})
@@ -646,7 +641,7 @@ func TestAfterAReconnectTheGapIsCaughtUpInOneReadBeforeTheResync(t *testing.T) {
 		return true
 	})
 	if n := svc.hub.caughtUp.Load(); n != int64(len(gap)) {
-		t.Errorf("the catch-up read found %d records for open streams, want the %d committed in the gap", n, len(gap))
+		t.Errorf("the catch-up read found %d live records, want the %d committed in the gap", n, len(gap))
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
