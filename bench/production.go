@@ -386,20 +386,34 @@ func durableCommits(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
-// write stores *streamRate live records per second for random streamed
-// users until ctx ends, noting when each commit returned.
-func (p *prodRun) write(ctx context.Context, dsn string) error {
+// liveInsertSQL is what the bench's writers store: one live record of user
+// $1 with passcode $2, valid 300 s.
+const liveInsertSQL = `
+INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
+VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now())`
+
+// connectWriter opens a writer's connection, its commits durable.
+func connectWriter(ctx context.Context, dsn string) (*pgx.Conn, error) {
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
-		return fmt.Errorf("writer connect: %w", err)
+		return nil, fmt.Errorf("writer connect: %w", err)
 	}
-	defer conn.Close(context.Background())
 	if err := durableCommits(ctx, conn); err != nil {
+		conn.Close(context.Background())
+		return nil, err
+	}
+	return conn, nil
+}
+
+// write stores *streamRate live records per second for random streamed
+// users until ctx ends, noting each INSERT's clock_timestamp().
+func (p *prodRun) write(ctx context.Context, dsn string) error {
+	conn, err := connectWriter(ctx, dsn)
+	if err != nil {
 		return err
 	}
-	const insert = `
-INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
-VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id, clock_timestamp()`
+	defer conn.Close(context.Background())
+	const insert = liveInsertSQL + " RETURNING id, clock_timestamp()"
 	rng := rand.New(rand.NewPCG(14, 14))
 	interval := time.Second / time.Duration(*streamRate)
 	next := time.Now()

@@ -334,17 +334,12 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 // *streamDuration, on one connection, noting when each INSERT's commit
 // returned, then waits for the events and fills r.
 func (b *streamBench) write(ctx context.Context, dsn string, n int, r *streamResult, pid int) error {
-	conn, err := pgx.Connect(ctx, dsn)
+	conn, err := connectWriter(ctx, dsn)
 	if err != nil {
-		return fmt.Errorf("writer connect: %w", err)
-	}
-	defer conn.Close(context.Background())
-	if err := durableCommits(ctx, conn); err != nil {
 		return err
 	}
-	const insert = `
-INSERT INTO threeds_records (user_id, passcode, amount, currency, merchant_name, expires_after, received_at)
-VALUES ($1, $2, 12.34, 'USD', '` + liveMerchant + `', 300, now()) RETURNING id`
+	defer conn.Close(context.Background())
+	const insert = liveInsertSQL + " RETURNING id"
 	if _, err := conn.Prepare(ctx, "live", insert); err != nil {
 		return fmt.Errorf("writer prepare: %w", err)
 	}
