@@ -20,7 +20,8 @@ import (
 
 // arrival is what the readers saw of one record id.
 type arrival struct {
-	at    time.Time // first arrival
+	at    time.Time // first arrival: when it reached this host (withRxStamps)
+	read  time.Time // when the reader parsed that first arrival
 	user  int64     // the stream that got it first
 	count int       // times it arrived over all streams
 	wrong bool      // arrived on a stream other than its user's
@@ -35,7 +36,7 @@ type streamBench struct {
 	mu       sync.Mutex
 	arrivals map[int64]*arrival
 	owner    map[int64]int64     // record id → user, filled by the writer
-	readyAt  map[int64]time.Time // user → when its stream reached ready
+	readyAt  map[int64]time.Time // user → when its stream's ready reached this host
 
 	readyWithin time.Duration // the bound on reaching ready; 0: 60 s
 
@@ -146,11 +147,12 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 			ready(err)
 		}
 	}
-	conn, err := net.DialTimeout("tcp", b.addr, 10*time.Second)
+	dialed, err := net.DialTimeout("tcp", b.addr, 10*time.Second)
 	if err != nil {
 		signal(err)
 		return
 	}
+	conn := withRxStamps(dialed)
 	b.connsMu.Lock()
 	b.conns = append(b.conns, conn)
 	b.connsMu.Unlock()
@@ -206,6 +208,10 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 			return
 		}
 		now := time.Now()
+		at := conn.stamp()
+		if at.IsZero() || at.After(now) {
+			at = now
+		}
 		line = bytes.TrimRight(line, "\r\n")
 		switch {
 		case len(line) == 0:
@@ -217,13 +223,13 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 					// STREAM_HEARTBEAT, and closeAll ends the reads.
 					_ = conn.SetDeadline(time.Time{})
 					b.mu.Lock()
-					b.readyAt[user] = now
+					b.readyAt[user] = at
 					b.mu.Unlock()
 					signal(nil)
 				}
 			case "record":
 				if isReady || b.trackSnapshot {
-					b.arrived(id, user, now, isReady)
+					b.arrived(id, user, at, now, isReady)
 				}
 				if !isReady {
 					b.snapshot.Add(1)
@@ -248,12 +254,12 @@ func (b *streamBench) stream(ctx context.Context, user int64, ready func(error))
 	}
 }
 
-func (b *streamBench) arrived(id, user int64, at time.Time, live bool) {
+func (b *streamBench) arrived(id, user int64, at, read time.Time, live bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	a := b.arrivals[id]
 	if a == nil {
-		a = &arrival{at: at, user: user, live: live}
+		a = &arrival{at: at, read: read, user: user, live: live}
 		b.arrivals[id] = a
 	}
 	a.count++
