@@ -74,6 +74,7 @@ func newNotifySource(h *hub) *notifySource {
 // until the connection fails. up reports whether it got as far as listening.
 func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err error) {
 	h := n.h
+	heardBefore := h.heard.Load()
 	// incoming and probed are written by OnNotification, which pgx calls
 	// on this goroutine from inside whatever call is reading the socket.
 	var incoming []notification
@@ -186,7 +187,7 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 	// LISTEN came first, so everything committed from here on is notified;
 	// re-reading the live records of every open stream now covers whatever
 	// was committed while no session was listening.
-	h.sourceUpAgain(everUp)
+	h.sourceUpAgain(everUp, heardBefore)
 
 	// serveIncoming reads the records of the notifications heard so far
 	// (those heard during its own reads wait for the next call).

@@ -658,3 +658,60 @@ func TestAfterAReconnectTheGapIsCaughtUpInOneReadBeforeTheResync(t *testing.T) {
 		}
 	}
 }
+
+// A new LISTEN session hears what is committed after its LISTEN before it is
+// up (it first proves that notifications arrive); the catch-up must still
+// start after the last record the lost session heard of, or the gap's
+// records wait for the resync.
+func TestTheCatchUpStartsAfterTheLastRecordTheLostSessionHeardOf(t *testing.T) {
+	if testStreamSource(t) != sourceNotify {
+		t.Skip("the wal source decodes nothing before it is up")
+	}
+	svc := newStreamService(t, streamOptions{hub: func(c *hubConfig) { c.retryMin = time.Second }})
+	users := []int64{7001, 7002}
+	c, streams := subscribeAll(t, svc.hub, users)
+	waitFor(t, 10*time.Second, "every stream to be ready", func() bool {
+		return c.count(func(st *stream) bool { return c.ready[st] }, streams) == len(streams)
+	})
+	received := func(st *stream, id int64) bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return slices.Contains(c.ids[st], id)
+	}
+	heard := insertNow(t, svc.pool, users[0])
+	waitFor(t, 10*time.Second, "the record before the kill", func() bool { return received(streams[0], heard) })
+
+	killListenBackend(t, svc.dsn)
+	waitFor(t, 15*time.Second, "the hub to see its session go", func() bool { return !svc.hub.listening() })
+	inGap := insertNow(t, svc.pool, users[1])
+
+	// Until the hub is up again, a record of a user nobody streams is
+	// notified every millisecond, its id far past the gap's: the new
+	// session hears some between its LISTEN and being up.
+	ctx, cancel := context.WithCancel(context.Background())
+	noise := make(chan error, 1)
+	go func() {
+		payload := fmt.Sprintf("%d:%d", int64(1)<<40, inGap+1_000_000)
+		for ctx.Err() == nil {
+			if _, err := svc.pool.Exec(ctx, "SELECT pg_notify($1, $2)", notifyChannel, payload); err != nil && ctx.Err() == nil {
+				noise <- err
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		noise <- nil
+	}()
+	waitFor(t, 15*time.Second, "the hub to listen again", svc.hub.listening)
+	cancel()
+	if err := <-noise; err != nil {
+		t.Fatalf("notify: %v", err)
+	}
+	if svc.hub.heard.Load() <= inGap {
+		t.Fatal("the new session heard none of the later notifications before it was up: this run proves nothing")
+	}
+
+	waitFor(t, 15*time.Second, "the gap's record", func() bool { return received(streams[1], inGap) })
+	if n := svc.hub.caughtUp.Load(); n != 1 {
+		t.Errorf("the catch-up read found %d live records, want the 1 committed in the gap", n)
+	}
+}

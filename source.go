@@ -117,9 +117,13 @@ func nextWait(backoff time.Duration, stayedUp bool, err error, cfg hubConfig) (n
 // sourceUpAgain is what a source calls once it is subscribed: everything
 // committed from now on reaches it, so re-reading every open stream's live
 // records covers whatever was committed while nothing was subscribed.
-func (h *hub) sourceUpAgain(everUp bool) {
-	if id := h.heard.Load(); everUp && id > 0 {
-		h.requestCatchUp(id)
+// heardBefore is h.heard when the session began, the last id the lost
+// session heard of: the session may hear of newer ones before it is up (a
+// LISTEN session hears what commits while it proves that notifications
+// arrive), and a catch-up from those would skip the gap.
+func (h *hub) sourceUpAgain(everUp bool, heardBefore int64) {
+	if everUp && heardBefore > 0 {
+		h.requestCatchUp(heardBefore)
 	}
 	h.requestResync()
 	if everUp {

@@ -62,6 +62,7 @@ func newWalSource(h *hub) *walSource {
 
 func (w *walSource) session(ctx context.Context, everUp bool) (up bool, err error) {
 	h := w.h
+	heardBefore := h.heard.Load()
 	repl, err := pgconn.ConnectConfig(ctx, w.replicationConfig())
 	if err != nil {
 		return false, replicationConnectError(err)
@@ -94,7 +95,7 @@ func (w *walSource) session(ctx context.Context, everUp bool) (up bool, err erro
 	// The slot came first, so everything committed from here on is decoded;
 	// re-reading every open stream now covers whatever was committed while
 	// no session was subscribed.
-	h.sourceUpAgain(everUp)
+	h.sourceUpAgain(everUp, heardBefore)
 	return true, w.run(ctx, repl, read)
 }
 
