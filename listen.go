@@ -42,7 +42,10 @@ const (
 
 	// drainWindow is how long the listener keeps reading after a
 	// notification so that notifications that arrived together (one
-	// transaction inserting many rows, or a burst) become one read.
+	// transaction inserting many rows, or a burst) become one read. It
+	// runs from the first notification, not the latest: renewed by each
+	// one, a writer that never pauses for a millisecond would hold the
+	// first back until maxDrain had arrived (a second at 1,000 commits/s).
 	drainWindow = time.Millisecond
 	maxDrain    = 1000
 )
@@ -247,13 +250,13 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 	}
 }
 
-// drain reads whatever notifications arrived together with the first one.
+// drain reads whatever notifications arrive within drainWindow of the first.
 func (n *notifySource) drain(ctx context.Context, pg *pgconn.PgConn) error {
+	dctx, cancel := context.WithTimeout(ctx, drainWindow)
+	defer cancel()
 	for range maxDrain {
-		dctx, cancel := context.WithTimeout(ctx, drainWindow)
 		err := pg.WaitForNotification(dctx)
 		timedOut := dctx.Err() != nil
-		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()

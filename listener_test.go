@@ -2,10 +2,15 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestListenReadsEachNewRecordOnceForAllStreamsOfItsUser(t *testing.T) {
@@ -85,6 +90,82 @@ SELECT 1001, '123456', 1, 'USD', 3600, now() FROM generate_series(1, 50)`)
 		if id != int64(i+1) {
 			t.Fatalf("ids %v, want 1..50 in order", got)
 		}
+	}
+}
+
+// The drain after a notification batches what arrives with it; a writer that
+// never pauses must not hold the first notification back until it does (or
+// until maxDrain have arrived).
+func TestListenDrainEndsWhileNotificationsKeepComing(t *testing.T) {
+	dsn := newTestDB(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var heard atomic.Int64
+	got := make(chan struct{}, 1)
+	cfg, err := pgx.ParseConfig(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.OnNotification = func(*pgconn.PgConn, *pgconn.Notification) {
+		heard.Add(1)
+		select {
+		case got <- struct{}{}:
+		default:
+		}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "LISTEN "+notifyChannel); err != nil {
+		t.Fatal(err)
+	}
+	writer, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Close(context.Background())
+	// The writer never pauses: each notification goes as soon as the one
+	// before was heard, a round trip apart (well under drainWindow), and
+	// none piles up unread.
+	wctx, stopWriter := context.WithCancel(ctx)
+	written := make(chan error, 1)
+	go func() {
+		for i := 1; ; i++ {
+			if _, err := writer.Exec(wctx, "SELECT pg_notify($1, $2)", notifyChannel, fmt.Sprintf("1:%d", i)); err != nil {
+				if wctx.Err() != nil {
+					err = nil
+				}
+				written <- err
+				return
+			}
+			select {
+			case <-got:
+			case <-wctx.Done():
+				written <- nil
+				return
+			}
+		}
+	}()
+	defer func() {
+		stopWriter()
+		if err := <-written; err != nil {
+			t.Errorf("notify: %v", err)
+		}
+	}()
+
+	if err := conn.PgConn().WaitForNotification(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := heard.Load()
+	if err := (&notifySource{}).drain(ctx, conn.PgConn()); err != nil {
+		t.Fatal(err)
+	}
+	n := heard.Load() - before
+	t.Logf("the drain read %d notifications", n)
+	if n >= maxDrain/2 {
+		t.Errorf("the drain read %d notifications before it let the first be served: it waits for the writer to pause", n)
 	}
 }
 
