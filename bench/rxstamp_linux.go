@@ -19,11 +19,12 @@ type rxStampConn struct {
 	net.Conn
 	raw  syscall.RawConn
 	oob  []byte
-	last time.Time // zero until a read carried a stamp
+	last time.Time // the newest read's stamp; zero if it carried none
 }
 
 // withRxStamps wraps conn; on any failure to enable the stamps it returns a
-// reader whose stamp is the time of the read (the old measure).
+// reader whose stamp is the time of the read (the old measure). A zero
+// stamp means the newest read carried none.
 func withRxStamps(conn net.Conn) stampedConn {
 	tc, ok := conn.(*net.TCPConn)
 	if !ok {
@@ -60,7 +61,11 @@ func (c *rxStampConn) Read(p []byte) (int, error) {
 	if n == 0 && len(p) > 0 {
 		return 0, io.EOF
 	}
-	c.last = time.Now()
+	// Linux turns receive stamping on for the whole host a moment after
+	// the first socket asks (a deferred static key): until then, and for
+	// any read without one, there is no stamp and the caller uses the time
+	// of the read.
+	c.last = time.Time{}
 	if msgs, err := syscall.ParseSocketControlMessage(c.oob[:oobn]); err == nil {
 		for _, m := range msgs {
 			if m.Header.Level == syscall.SOL_SOCKET && m.Header.Type == syscall.SCM_TIMESTAMPNS && len(m.Data) >= int(unsafe.Sizeof(syscall.Timespec{})) {

@@ -41,19 +41,40 @@ func TestAnEventReadLateIsStampedWhenItArrived(t *testing.T) {
 	}
 	defer server.Close()
 
+	// Stamping starts a moment after the first socket asks for it
+	// (rxStampConn.Read): exchange a byte until one is stamped, bounded.
+	buf := make([]byte, 64)
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if _, err := io.WriteString(server, "."); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Read(buf[:1]); err != nil {
+			t.Fatal(err)
+		}
+		if !conn.stamp().IsZero() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no read carried a receive stamp within 5 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
 	const late = 200 * time.Millisecond
 	sent := time.Now()
 	if _, err := io.WriteString(server, "event: record\n\n"); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(late) // the reader is busy elsewhere
-	buf := make([]byte, 64)
 	n, err := conn.Read(buf)
 	read := time.Now()
 	if err != nil || string(buf[:n]) != "event: record\n\n" {
 		t.Fatalf("read %q, %v", buf[:n], err)
 	}
 	at := conn.stamp()
+	if at.IsZero() {
+		t.Fatal("the read carried no receive stamp")
+	}
 	if at.Before(sent.Add(-time.Millisecond)) {
 		t.Errorf("stamped %s before the bytes were sent", sent.Sub(at))
 	}
