@@ -4,19 +4,21 @@ package main
 // NOTIFYs "<user_id>:<id>" on commit, and one LISTEN session per process
 // hears it.
 //
-// One goroutine owns a dedicated *pgx.Conn on DATABASE_LISTEN_URL. It LISTENs,
-// proves that notifications are really delivered, and then alternates between
-// waiting for notifications and reading records on that same session: the
-// snapshots new streams ask for, the records named by a batch of
-// notifications, and after every reconnect the live records of every user
-// with an open stream. Reading through the listening session itself is what
-// makes the visibility argument hold: PostgreSQL delivers a notification only
-// once the notifying transaction is committed and visible to new snapshots on
-// that server, so a query that starts after the notification (or after the
-// stream subscribed) sees the row. A replica behind DATABASE_URL might not have
-// it yet, so the query pool is never used here. One session also means one
-// connection per process, however many streams are open, and a stream that
-// waits costs the database nothing.
+// A session is two dedicated connections on DATABASE_LISTEN_URL. One goroutine
+// owns the LISTEN connection: it LISTENs, proves that notifications are
+// really delivered, and then alternates between waiting for notifications
+// and reading the records a batch of them names, on that same connection.
+// Another owns the read connection (application_name "...-read"), opened
+// once LISTEN is in place: the snapshots new streams ask for, and after every
+// reconnect the catch-up and the live records of every user with an open
+// stream, as the wal source's read connection does. Both read the primary
+// itself, which makes the visibility argument hold: PostgreSQL delivers a
+// notification only once the notifying transaction is committed and visible
+// to new snapshots on that server, so a query that starts after the
+// notification (or after the stream subscribed) sees the row. A replica
+// behind DATABASE_URL might not have it yet, so the query pool is never used
+// here. Two connections per process, however many streams are open, and a
+// stream that waits costs the database nothing.
 
 import (
 	"context"
@@ -24,7 +26,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -97,34 +98,11 @@ func (n *notifySource) session(ctx context.Context, everUp bool) (up bool, err e
 			probed = true
 		}
 	}
-	// A LISTEN session is idle for long stretches; without keepalives a
-	// peer that vanished (failover without a reset) would leave it waiting
-	// for minutes. Keepalives cost the database no transaction.
-	dialer := &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}
-	cfg.DialFunc = dialer.DialContext
-
-	conn, err := pgx.ConnectConfig(ctx, cfg)
-	if err != nil && n.refusedStatementTimeout(err) {
-		delete(cfg.RuntimeParams, "statement_timeout")
-		conn, err = pgx.ConnectConfig(ctx, cfg)
-	}
+	conn, err := n.connect(ctx, cfg)
 	if err != nil {
 		return false, fmt.Errorf("connect: %w", err)
 	}
-	if n.noStatementTimeout.Load() {
-		// A pooler refused it at start-up; in a session it passes SET, and
-		// the reads need the server-side bound to fail without closing
-		// the session (liveread.go).
-		if _, err := conn.Exec(ctx, "SET statement_timeout = "+strconv.FormatInt(h.cfg.queryTimeout.Milliseconds(), 10)); err != nil {
-			_ = conn.Close(context.Background())
-			return false, fmt.Errorf("set statement_timeout: %w", err)
-		}
-	}
-	defer func() {
-		cctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		defer cancel()
-		_ = conn.Close(cctx)
-	}()
+	defer closeConn(conn)
 	pg := conn.PgConn()
 
 	if _, err := conn.Exec(ctx, "LISTEN "+notifyChannel+"; LISTEN "+n.probe); err != nil {
@@ -187,67 +165,109 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 		}
 	}
 
+	// Snapshots, catch-ups and resyncs go on a connection of their own, as
+	// the wal source's do: on the LISTEN session they took turns with the
+	// notified records, so a burst of connects (thousands of snapshot
+	// statements) held a ready stream's new passcode behind them, and each
+	// new stream had to interrupt the wait for notifications.
+	read, err := n.connect(ctx, n.readConfig())
+	if err != nil {
+		return false, fmt.Errorf("connect for reads: %w", err)
+	}
+	defer closeConn(read)
+
 	// LISTEN came first, so everything committed from here on is notified;
 	// re-reading the live records of every open stream now covers whatever
 	// was committed while no session was listening.
 	h.sourceUpAgain(everUp, heardBefore)
 
-	// serveIncoming reads the records of the notifications heard so far
-	// (those heard during its own reads wait for the next call).
-	serveIncoming := func(ctx context.Context) error {
-		for pending := len(incoming); pending > 0; {
-			batch, consumed := n.streamedIDs(incoming[:pending])
-			incoming = incoming[:copy(incoming, incoming[consumed:])]
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
+	readErr := make(chan error, 1)
+	go func() {
+		readErr <- h.serveReads(ctx, read, nil)
+		stop()
+	}()
+	err = n.listen(ctx, conn, &incoming)
+	stop()
+	if rerr := <-readErr; errors.Is(err, context.Canceled) && rerr != nil && !errors.Is(rerr, context.Canceled) {
+		err = rerr
+	}
+	return true, err
+}
+
+// listen serves notifications until ctx ends or the session fails: the
+// records of those for open streams are read on the session itself.
+// incoming is what OnNotification appended.
+func (n *notifySource) listen(ctx context.Context, conn *pgx.Conn, incoming *[]notification) error {
+	pg := conn.PgConn()
+	for {
+		// The records of the notifications heard so far (those heard during
+		// a read wait for the next round).
+		for pending := len(*incoming); pending > 0; {
+			batch, consumed := n.streamedIDs((*incoming)[:pending])
+			*incoming = (*incoming)[:copy(*incoming, (*incoming)[consumed:])]
 			pending -= consumed
 			if err := n.readBatch(ctx, conn, batch); err != nil {
 				return err
 			}
 		}
-		return nil
-	}
-	for {
-		if did, err := h.serveSnapshots(ctx, conn, serveIncoming); err != nil {
-			return true, err
-		} else if did {
+		if len(*incoming) > 0 {
 			continue
 		}
-		if len(incoming) > 0 {
-			if err := serveIncoming(ctx); err != nil {
-				return true, err
-			}
-			continue
-		}
-
-		wctx, cancel, busy := h.waitForWork(ctx)
-		if busy {
-			continue
-		}
-		err := pg.WaitForNotification(wctx)
-		h.doneWaiting()
-		woken := wctx.Err() != nil
-		cancel()
-		if err != nil {
+		if err := pg.WaitForNotification(ctx); err != nil {
 			if ctx.Err() != nil {
-				return true, ctx.Err()
+				return ctx.Err()
 			}
-			// A wake-up interrupts the read with a deadline; pgx leaves the
-			// connection usable after a timeout.
-			if woken && !pg.IsClosed() {
-				continue
-			}
-			return true, fmt.Errorf("wait for notification: %w", err)
+			return fmt.Errorf("wait for notification: %w", err)
 		}
 		// Batching only pays when there is something to read: the writer's
 		// notifications for users nobody streams are most of them, and a
 		// timed drain after each would cost a timer, a deadline and a
 		// wake-up apiece (about 70 µs of CPU per notification measured by
 		// make bench's pgbench phase).
-		if n.streamedAmong(incoming) {
+		if n.streamedAmong(*incoming) {
 			if err := n.drain(ctx, pg); err != nil {
-				return true, err
+				return err
 			}
 		}
 	}
+}
+
+// connect opens one connection with cfg, without statement_timeout at
+// start-up if a pooler refused it, and then with it SET: the reads need the
+// server-side bound to fail without closing the session (liveread.go).
+func (n *notifySource) connect(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil && n.refusedStatementTimeout(err) {
+		delete(cfg.RuntimeParams, "statement_timeout")
+		conn, err = pgx.ConnectConfig(ctx, cfg)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if n.noStatementTimeout.Load() {
+		if _, err := conn.Exec(ctx, "SET statement_timeout = "+strconv.FormatInt(n.h.cfg.queryTimeout.Milliseconds(), 10)); err != nil {
+			closeConn(conn)
+			return nil, fmt.Errorf("set statement_timeout: %w", err)
+		}
+	}
+	return conn, nil
+}
+
+// readConfig is the read connection's: DATABASE_LISTEN_URL's settings under
+// an application_name of its own, so that the LISTEN session alone answers
+// to DATABASE_LISTEN_URL's name in pg_stat_activity.
+func (n *notifySource) readConfig() *pgx.ConnConfig {
+	cfg := n.connConfig()
+	cfg.RuntimeParams["application_name"] += "-read"
+	return cfg
+}
+
+func closeConn(conn *pgx.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	_ = conn.Close(ctx)
 }
 
 // drain reads whatever notifications arrive within drainWindow of the first.
@@ -271,8 +291,12 @@ func (n *notifySource) drain(ctx context.Context, pg *pgconn.PgConn) error {
 }
 
 // connConfig is a copy of DATABASE_LISTEN_URL's settings for one connection.
+// Its sessions wait on the server for long stretches; without keepalives a
+// peer that vanished (failover without a reset) would leave them waiting
+// for minutes. Keepalives cost the database no transaction.
 func (n *notifySource) connConfig() *pgx.ConnConfig {
 	cfg := n.h.cfg.conn.Copy()
+	cfg.DialFunc = keepaliveDialer().DialContext
 	if n.noStatementTimeout.Load() {
 		delete(cfg.RuntimeParams, "statement_timeout")
 	} else if _, set := cfg.RuntimeParams["statement_timeout"]; !set {

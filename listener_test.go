@@ -68,6 +68,43 @@ SELECT state, state_change FROM pg_stat_activity
 	}
 }
 
+// New streams' snapshots are read on the source's read connection: on the
+// LISTEN session they took turns with the notified records, and a burst of
+// connects held a ready stream's new passcode behind thousands of them.
+func TestListenSessionRunsNoSnapshotReads(t *testing.T) {
+	if testStreamSource(t) != sourceNotify {
+		t.Skip("the wal source's replication connection runs no statements at all")
+	}
+	svc := newStreamService(t, streamOptions{})
+	admin := newTestPool(t, svc.dsn, nil)
+	listenState := func() (state string, changed time.Time) {
+		t.Helper()
+		err := admin.QueryRow(context.Background(), `
+SELECT state, state_change FROM pg_stat_activity
+ WHERE datname = current_database() AND application_name = 'threeds-records-listen'`).Scan(&state, &changed)
+		if err != nil {
+			t.Fatalf("the LISTEN backend: %v", err)
+		}
+		return state, changed
+	}
+	_, before := listenState()
+	reads := svc.hub.reads.Load()
+	users := make([]int64, 200)
+	for i := range users {
+		users[i] = int64(3000 + i)
+	}
+	c, streams := subscribeAll(t, svc.hub, users)
+	waitFor(t, 10*time.Second, "every stream to be ready", func() bool {
+		return c.count(func(st *stream) bool { return c.ready[st] }, streams) == len(streams)
+	})
+	if svc.hub.reads.Load() == reads {
+		t.Fatal("no snapshot was read")
+	}
+	if state, after := listenState(); state != "idle" || !after.Equal(before) {
+		t.Errorf("the LISTEN backend ran statements for %d snapshots: state %s, state_change %s -> %s", len(users), state, before, after)
+	}
+}
+
 func TestListenReadsNotificationsThatArriveTogetherInOneRead(t *testing.T) {
 	svc := newStreamService(t, streamOptions{})
 	s, _ := mustOpenStream(t, svc.URL, svc.tokenFor(t, 1001))

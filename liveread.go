@@ -162,12 +162,7 @@ func (h *hub) readNotified(ctx context.Context, conn *pgx.Conn, ids []int64, not
 // each batch as it is read so the first streams are ready without waiting
 // for the last. Users whose read keeps failing have their streams ended
 // with `unavailable`. did reports whether there was anything to read.
-//
-// between, if not nil, runs after each batch on the same connection. The
-// notify source serves the records it heard of meanwhile there: a burst of
-// 10,000 connects is 20 batches or more, and a ready stream's new passcode
-// must not wait for other streams' snapshots.
-func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn, between func(context.Context) error) (did bool, err error) {
+func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn) (did bool, err error) {
 	if from := h.takeCatchUp(); from > 0 {
 		if err := h.catchUp(ctx, conn, from); err != nil {
 			h.requestResync()
@@ -197,18 +192,42 @@ func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn, between func(c
 			ready = append(ready, byStream[uid]...)
 		}
 		h.deliver(ready, byUser)
-		if between != nil {
-			if err := between(ctx); err != nil {
-				h.requestResync()
-				return true, err
-			}
-		}
 	}
 	// Snapshot streams with no user in the read (none today) must not hang.
 	if len(users) == 0 {
 		h.deliver(snap, nil)
 	}
 	return true, nil
+}
+
+// serveReads reads the snapshots, catch-ups and resyncs the hub asks for on
+// a connection of their own, until ctx ends or the connection fails: bounded
+// batches, a user whose read keeps failing has its streams ended. A
+// subscribing stream wakes it through the registry (waitForWork), kick
+// through a source: no deadline on a connection is touched to wake it.
+func (h *hub) serveReads(ctx context.Context, read *pgx.Conn, kick <-chan struct{}) error {
+	for {
+		did, err := h.serveSnapshots(ctx, read)
+		if err != nil {
+			return err
+		}
+		if did {
+			continue
+		}
+		wctx, cancel, busy := h.waitForWork(ctx)
+		if busy {
+			continue
+		}
+		select {
+		case <-wctx.Done():
+		case <-kick:
+		}
+		h.doneWaiting()
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
 }
 
 // catchUp delivers what was committed after id before the resync reads every

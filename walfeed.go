@@ -36,30 +36,8 @@ func (f *walFeed) commit(c *walCommit) {
 	f.h.deliver(nil, c.byUser)
 }
 
-// serveReads reads the snapshots and resyncs the hub asks for (liveread.go:
-// bounded batches, a user whose read keeps failing has its streams ended).
+// serveReads is the hub's (liveread.go); a commit that asks for a resync
+// kicks it.
 func (f *walFeed) serveReads(ctx context.Context, read *pgx.Conn) error {
-	h := f.h
-	for {
-		did, err := h.serveSnapshots(ctx, read, nil)
-		if err != nil {
-			return err
-		}
-		if did {
-			continue
-		}
-		wctx, cancel, busy := h.waitForWork(ctx)
-		if busy {
-			continue
-		}
-		select {
-		case <-wctx.Done():
-		case <-f.kick:
-		}
-		h.doneWaiting()
-		cancel()
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-	}
+	return f.h.serveReads(ctx, read, f.kick)
 }
