@@ -181,19 +181,9 @@ SELECT EXISTS (SELECT 1 FROM pg_trigger
 	// was committed while no session was listening.
 	h.sourceUpAgain(everUp, heardBefore)
 
-	ctx, stop := context.WithCancel(ctx)
-	defer stop()
-	readErr := make(chan error, 1)
-	go func() {
-		readErr <- h.serveReads(ctx, read, nil)
-		stop()
-	}()
-	err = n.listen(ctx, conn, &incoming)
-	stop()
-	if rerr := <-readErr; errors.Is(err, context.Canceled) && rerr != nil && !errors.Is(rerr, context.Canceled) {
-		err = rerr
-	}
-	return true, err
+	return true, h.withReads(ctx, read, nil, func(ctx context.Context) error {
+		return n.listen(ctx, conn, &incoming)
+	})
 }
 
 // listen serves notifications until ctx ends or the session fails: the

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 func TestListenReadsEachNewRecordOnceForAllStreamsOfItsUser(t *testing.T) {
@@ -42,21 +43,10 @@ func TestListenIdleStreamsCostTheDatabaseNothing(t *testing.T) {
 	for u := int64(1); u <= 5; u++ {
 		mustOpenStream(t, svc.URL, svc.tokenFor(t, u))
 	}
-	// The LISTEN backend's state_change moves whenever it runs a statement.
-	listenState := func() (state string, changed time.Time) {
-		t.Helper()
-		err := admin.QueryRow(context.Background(), `
-SELECT state, state_change FROM pg_stat_activity
- WHERE datname = current_database() AND application_name = 'threeds-records-listen'`).Scan(&state, &changed)
-		if err != nil {
-			t.Fatalf("the LISTEN backend: %v", err)
-		}
-		return state, changed
-	}
 	reads := svc.hub.reads.Load()
-	_, before := listenState()
+	_, before := listenBackendState(t, admin)
 	time.Sleep(10 * heartbeat) // ten heartbeats on each of five streams
-	state, after := listenState()
+	state, after := listenBackendState(t, admin)
 	if n := svc.hub.reads.Load() - reads; n != 0 {
 		t.Errorf("idle streams caused %d reads", n)
 	}
@@ -77,17 +67,7 @@ func TestListenSessionRunsNoSnapshotReads(t *testing.T) {
 	}
 	svc := newStreamService(t, streamOptions{})
 	admin := newTestPool(t, svc.dsn, nil)
-	listenState := func() (state string, changed time.Time) {
-		t.Helper()
-		err := admin.QueryRow(context.Background(), `
-SELECT state, state_change FROM pg_stat_activity
- WHERE datname = current_database() AND application_name = 'threeds-records-listen'`).Scan(&state, &changed)
-		if err != nil {
-			t.Fatalf("the LISTEN backend: %v", err)
-		}
-		return state, changed
-	}
-	_, before := listenState()
+	_, before := listenBackendState(t, admin)
 	reads := svc.hub.reads.Load()
 	users := make([]int64, 200)
 	for i := range users {
@@ -100,7 +80,7 @@ SELECT state, state_change FROM pg_stat_activity
 	if svc.hub.reads.Load() == reads {
 		t.Fatal("no snapshot was read")
 	}
-	if state, after := listenState(); state != "idle" || !after.Equal(before) {
+	if state, after := listenBackendState(t, admin); state != "idle" || !after.Equal(before) {
 		t.Errorf("the LISTEN backend ran statements for %d snapshots: state %s, state_change %s -> %s", len(users), state, before, after)
 	}
 }
@@ -473,4 +453,17 @@ SELECT EXISTS (SELECT 1 FROM pg_stat_activity
 	case <-time.After(20 * time.Second):
 		t.Fatal("the record did not arrive within 20 s")
 	}
+}
+
+// listenBackendState is the LISTEN backend's state and state_change, which
+// moves whenever it runs a statement.
+func listenBackendState(t *testing.T, admin *pgxpool.Pool) (state string, changed time.Time) {
+	t.Helper()
+	err := admin.QueryRow(context.Background(), `
+SELECT state, state_change FROM pg_stat_activity
+ WHERE datname = current_database() AND application_name = 'threeds-records-listen'`).Scan(&state, &changed)
+	if err != nil {
+		t.Fatalf("the LISTEN backend: %v", err)
+	}
+	return state, changed
 }

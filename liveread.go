@@ -200,6 +200,26 @@ func (h *hub) serveSnapshots(ctx context.Context, conn *pgx.Conn) (did bool, err
 	return true, nil
 }
 
+// withReads runs a source's feed (the LISTEN loop, the WAL decoder) while a
+// goroutine serves the reads on read; whichever ends first ends the other,
+// and the error is the one that ended the session.
+func (h *hub) withReads(ctx context.Context, read *pgx.Conn, kick <-chan struct{}, feed func(context.Context) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	readErr := make(chan error, 1)
+	go func() {
+		readErr <- h.serveReads(ctx, read, kick)
+		cancel()
+	}()
+	err := feed(ctx)
+	cancel()
+	rerr := <-readErr
+	if err == nil || (errors.Is(err, context.Canceled) && rerr != nil && !errors.Is(rerr, context.Canceled)) {
+		err = rerr
+	}
+	return err
+}
+
 // serveReads reads the snapshots, catch-ups and resyncs the hub asks for on
 // a connection of their own, until ctx ends or the connection fails: bounded
 // batches, a user whose read keeps failing has its streams ended. A

@@ -177,3 +177,9 @@ func (h *hub) setState(st sourceState, why string, err error) {
 func redactedConnURL(cc *pgx.ConnConfig) string {
 	return fmt.Sprintf("postgres://%s:xxxxx@%s/%s", cc.User, net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port))), cc.Database)
 }
+
+// keepaliveDialer: a session that waits for the server for long stretches
+// must notice a peer that vanished (failover without a reset) in seconds.
+func keepaliveDialer() *net.Dialer {
+	return &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}
+}

@@ -1,17 +1,11 @@
 package main
 
 // What the wal source hands the registry (streams.go): each commit's records
-// as the decoder renders them, and the snapshot and resync reads it serves
-// on its plain connection meanwhile. Decoding goes on while a snapshot is
-// read, so a record may reach the registry before the snapshot of a stream
-// that subscribed earlier: the registry holds it for that stream and hands
-// it over right after the snapshot.
-
-import (
-	"context"
-
-	"github.com/jackc/pgx/v5"
-)
+// as the decoder renders them, while the hub serves the snapshot and resync
+// reads on the source's plain connection (withReads). Decoding goes on while
+// a snapshot is read, so a record may reach the registry before the snapshot
+// of a stream that subscribed earlier: the registry holds it for that stream
+// and hands it over right after the snapshot.
 
 type walFeed struct {
 	h    *hub
@@ -34,10 +28,4 @@ func (f *walFeed) commit(c *walCommit) {
 		}
 	}
 	f.h.deliver(nil, c.byUser)
-}
-
-// serveReads is the hub's (liveread.go); a commit that asks for a resync
-// kicks it.
-func (f *walFeed) serveReads(ctx context.Context, read *pgx.Conn) error {
-	return f.h.serveReads(ctx, read, f.kick)
 }

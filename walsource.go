@@ -19,7 +19,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"strconv"
 	"strings"
 	"time"
@@ -129,12 +128,6 @@ func (w *walSource) readConfig() *pgx.ConnConfig {
 	cc.RuntimeParams["application_name"] += "-read"
 	cc.DialFunc = keepaliveDialer().DialContext
 	return cc
-}
-
-// keepaliveDialer: a session that waits for the server for long stretches
-// must notice a peer that vanished (failover without a reset) in seconds.
-func keepaliveDialer() *net.Dialer {
-	return &net.Dialer{KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3}}
 }
 
 const walFix = "; or STREAM_SOURCE=notify"
@@ -319,21 +312,10 @@ func (w *walSource) startReplication(ctx context.Context, repl *pgconn.PgConn, s
 // run decodes until the session fails, while a goroutine serves the
 // snapshot and resync reads on the plain connection.
 func (w *walSource) run(ctx context.Context, repl *pgconn.PgConn, read *pgx.Conn) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	f := &walFeed{h: w.h, kick: make(chan struct{}, 1)}
-	readErr := make(chan error, 1)
-	go func() {
-		readErr <- f.serveReads(ctx, read)
-		cancel()
-	}()
-	err := w.decode(ctx, repl, f)
-	cancel()
-	rerr := <-readErr
-	if err == nil || (errors.Is(err, context.Canceled) && rerr != nil && !errors.Is(rerr, context.Canceled)) {
-		err = rerr
-	}
-	return err
+	return w.h.withReads(ctx, read, f.kick, func(ctx context.Context) error {
+		return w.decode(ctx, repl, f)
+	})
 }
 
 // decode reads the replication stream, acknowledges what it has handled,
